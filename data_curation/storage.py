@@ -1,0 +1,194 @@
+"""The one way vfm touches files: fsspec URIs, local paths and s3://, with atomic writes.
+
+Local writes go to a temp file in the same folder and are renamed into place; S3 writes
+are whole-object PUTs, so a reader never sees half an object. Errors from S3 that are not
+OSErrors (botocore's EndpointConnectionError, ClientError on bad credentials) are turned
+into :class:`StorageError` with one line that names the URI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and the cause in one line."""
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Storage:
+    """Files by URI. ``s3`` holds s3fs options (endpoint_url, key, secret, region, ...)."""
+
+    def __init__(self, s3: dict[str, Any] | None = None):
+        self.s3 = {k: v for k, v in (s3 or {}).items() if v not in (None, "")}
+
+    # -- filesystems -----------------------------------------------------------------
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """fsspec storage_options for ``uri``: the S3 options for s3://, nothing for local."""
+        if uri.startswith(("s3://", "s3a://")):
+            opts = dict(self.s3)
+            region = opts.pop("region", None)
+            endpoint = opts.pop("endpoint_url", None)
+            client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
+            if region:
+                client_kwargs.setdefault("region_name", region)
+            if endpoint:
+                opts["endpoint_url"] = endpoint
+            if client_kwargs:
+                opts["client_kwargs"] = client_kwargs
+            return opts
+        return {}
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem for ``uri`` and the path within it."""
+        fs, path = fsspec.core.url_to_fs(uri, **self.options_for(uri))
+        return fs, path
+
+    @staticmethod
+    def join(base: str, *parts: str) -> str:
+        if not _is_remote(base):
+            return str(Path(base, *parts))
+        return posixpath.join(base.rstrip("/"), *parts)
+
+    @staticmethod
+    def is_remote(uri: str) -> bool:
+        return _is_remote(uri)
+
+    def _guard(self, uri: str, action: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except StorageError:
+            raise
+        except Exception as exc:  # botocore errors are not OSErrors
+            raise StorageError(f"cannot {action} {uri}: {_describe(exc)}") from exc
+
+    # -- reading ---------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return bool(self._guard(uri, "check", fs.exists, path))
+
+    def isdir(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return bool(self._guard(uri, "check", fs.isdir, path))
+
+    def size(self, uri: str) -> int:
+        fs, path = self.fs(uri)
+        return int(self._guard(uri, "stat", fs.size, path))
+
+    def ls(self, uri: str) -> list[str]:
+        """The URIs directly under ``uri`` (sorted); empty if it does not exist."""
+        fs, path = self.fs(uri)
+        if not self._guard(uri, "list", fs.exists, path):
+            return []
+        names = self._guard(uri, "list", fs.ls, path, detail=False)
+        return sorted(self._unstrip(uri, path, n) for n in names if n.rstrip("/") != path.rstrip("/"))
+
+    def walk_files(self, uri: str) -> Iterator[str]:
+        """Every file below ``uri``, recursively, as URIs, in sorted order per folder."""
+        fs, path = self.fs(uri)
+        for root, _dirs, files in self._guard(uri, "list", lambda: list(fs.walk(path))):
+            for name in sorted(files):
+                yield self._unstrip(uri, path, posixpath.join(root, name))
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs(uri)
+        return self._guard(uri, "read", fs.cat_file, path)
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_text(uri))
+
+    def open(self, uri: str, mode: str = "rb"):
+        """A plain fsspec file object, for streaming; writes through it are not atomic."""
+        fs, path = self.fs(uri)
+        if "w" in mode and not _is_remote(uri):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return self._guard(uri, "open", fs.open, path, mode)
+
+    def get_file(self, uri: str, local_path: str | Path) -> None:
+        fs, path = self.fs(uri)
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        self._guard(uri, "download", fs.get_file, path, str(local_path))
+
+    # -- writing (atomic) ------------------------------------------------------------
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` to ``uri`` so that readers see the old object or the new, never half."""
+        if _is_remote(uri):
+            fs, path = self.fs(uri)
+            self._guard(uri, "write", fs.pipe_file, path, data)
+            return
+        path = Path(uri.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def put_file(self, local_path: str | Path, uri: str) -> None:
+        """Copy a finished local file to ``uri`` atomically (rename locally, one PUT on S3)."""
+        if _is_remote(uri):
+            fs, path = self.fs(uri)
+            self._guard(uri, "upload", fs.put_file, str(local_path), path)
+            return
+        dest = Path(uri.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def makedirs(self, uri: str) -> None:
+        if not _is_remote(uri):
+            Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+    def rm(self, uri: str, recursive: bool = False) -> None:
+        """Remove ``uri`` (a folder too with ``recursive``); a missing path is not an error."""
+        fs, path = self.fs(uri)
+        if self._guard(uri, "check", fs.exists, path):
+            self._guard(uri, "remove", fs.rm, path, recursive=recursive)
+
+    @staticmethod
+    def _unstrip(uri: str, path: str, name: str) -> str:
+        """Turn a name fsspec returned (protocol stripped) back into a URI like ``uri``."""
+        if not _is_remote(uri):
+            return name
+        protocol = uri.split("://", 1)[0]
+        return f"{protocol}://{name.lstrip('/')}"

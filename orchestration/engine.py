@@ -1,0 +1,245 @@
+"""Run an ordered list of stages over a run directory: fingerprints decide what runs,
+markers record what is done, MLflow tracks it, Ray does the heavy work.
+
+fingerprint(stage) = sha256(stage name, format version, its config sections, the
+fingerprints of the stages it requires). So a changed train section makes train and
+everything after it stale, and leaves curate and shard done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from data_curation.storage import Storage
+from orchestration.ray_runtime import check_resources, start_ray, stop_ray
+from orchestration.rundir import RunDir, StageStatus
+from orchestration.stage import Stage, StageContext
+from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
+
+CONFIG_FILE = "config.yaml"
+
+
+class EngineError(RuntimeError):
+    """A run that cannot go ahead as asked; one line saying why and what to do."""
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: str):
+        super().__init__(f"stage {stage} failed: {error}")
+        self.stage, self.error = stage, error
+
+
+@dataclass
+class RunResult:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class Engine:
+    """The engine for one config and one run directory.
+
+    ``config`` is a pydantic model with ``name``, ``run``, ``ray``, ``mlflow`` and one section
+    per stage name; ``dump_config`` turns it into the YAML saved in the run directory and
+    ``flat_params`` into MLflow params (secrets masked by the caller).
+    """
+
+    def __init__(self, config: Any, stages: list[Stage], run_dir: str, *, storage: Storage, version: str,
+                 dump_config: Callable[[Any], str], flat_params: Callable[[Any], dict[str, str]],
+                 log: Callable[[str], None] = print):
+        names = [s.name for s in stages]
+        for stage in stages:
+            missing = [r for r in stage.requires if r not in names[: names.index(stage.name)]]
+            if missing:
+                raise EngineError(f"stage {stage.name} requires {missing} to come before it")
+        self.config, self.stages, self.storage, self.version = config, stages, storage, version
+        self.rundir = RunDir(run_dir, storage)
+        self.dump_config, self.flat_params, self.log = dump_config, flat_params, log
+        self.tracking = Tracking(resolve_tracking_uri(config.mlflow.tracking_uri))
+        self.fingerprints = self._fingerprints()
+
+    # -- fingerprints and status -----------------------------------------------------
+    def _fingerprints(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for stage in self.stages:
+            sections = {s: getattr(self.config, s).model_dump(mode="json")
+                        for s in (stage.name, *stage.extra_sections)}
+            payload = {"stage": stage.name, "format_version": stage.format_version, "config": sections,
+                       "upstream": {r: out[r] for r in stage.requires}}
+            blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+            out[stage.name] = hashlib.sha256(blob).hexdigest()[:16]
+        return out
+
+    def statuses(self) -> list[StageStatus]:
+        run = self.rundir.read_run() or {}
+        ids = run.get("mlflow", {}).get("stages", {})
+        return [self.rundir.status(s.name, self.fingerprints[s.name], (ids.get(s.name) or {}).get("run_id"))
+                for s in self.stages]
+
+    # -- checks before any work ------------------------------------------------------
+    def _check_run_dir(self, force: bool) -> dict[str, Any] | None:
+        run = self.rundir.read_run()
+        if run and run.get("config_name") != self.config.name and not force:
+            raise EngineError(
+                f"run directory {self.rundir.uri} was made by config {run.get('config_name')!r}, not "
+                f"{self.config.name!r}; use another --run-dir, or --force to redo it with this config")
+        return run
+
+    def _select(self, only: str | None, start: str | None) -> list[Stage]:
+        names = [s.name for s in self.stages]
+        for flag, value in (("--only", only), ("--from", start)):
+            if value is not None and value not in names:
+                raise EngineError(f"{flag} {value}: no such stage; stages are {', '.join(names)}")
+        if only:
+            return [s for s in self.stages if s.name == only]
+        if start:
+            return self.stages[names.index(start):]
+        return list(self.stages)
+
+    # -- the run ---------------------------------------------------------------------
+    def run(self, *, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
+        run = self._check_run_dir(force)
+        self.tracking.check()
+        selected = self._select(only, start)
+        forced = {s.name for s in selected} if (force or start) else set()
+        status = {s.name: s for s in self.statuses()}
+        for st in status.values():
+            if st.state == "running":
+                raise EngineError(f"stage {st.name} is being run by another process ({st.detail}); "
+                                  f"wait for it or stop it first")
+        todo = [s for s in selected if s.name in forced or status[s.name].state != "done"]
+        needed = {r for s in todo for r in s.requires}
+        selected_names = {s.name for s in selected}
+        for name in needed - selected_names:
+            if status[name].state != "done":
+                raise EngineError(f"stage {todo[0].name} needs stage {name}, which is {status[name].state}; "
+                                  f"run it first (vfm run --from {name})")
+        result = RunResult(skipped=[s.name for s in selected if s not in todo])
+        for name in result.skipped:
+            self.log(f"[{name}] done (fingerprint {self.fingerprints[name]}), skipping")
+        if not todo:
+            self.log("nothing to do: every selected stage is done")
+            return result
+
+        run = self._open_run(run, force)
+        cache_dir = Path(self.config.run.cache_dir).resolve()
+        started = start_ray(self.config.ray.address, num_cpus=self.config.ray.num_cpus,
+                            num_gpus=self.config.ray.num_gpus, dashboard=self.config.ray.dashboard,
+                            object_store_memory_gb=self.config.ray.object_store_memory_gb, cache_dir=cache_dir)
+        try:
+            check_resources({s.name: (s.resources(self.config).cpus, s.resources(self.config).gpus)
+                             for s in todo})
+            parent = self._parent_run(run)
+            try:
+                for stage in todo:
+                    result.metrics[stage.name] = self._run_stage(stage, run, parent, cache_dir,
+                                                                 fresh=force and stage.name in forced)
+                    result.ran.append(stage.name)
+            except BaseException as exc:
+                state = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+                self.tracking.finish(parent, state)
+                raise
+            all_done = all(st.state == "done" for st in self.statuses())
+            if all_done:
+                self.tracking.finish(parent, "done")
+            else:
+                self.tracking.set_status(parent, "partial")
+            return result
+        finally:
+            stop_ray(started if started["local"] else None)
+
+    def _open_run(self, run: dict[str, Any] | None, force: bool) -> dict[str, Any]:
+        if run is None or (force and run.get("config_name") != self.config.name):
+            run = {"run_id": uuid.uuid4().hex, "config_name": self.config.name, "created": time.time(),
+                   "mlflow": {"tracking_uri": self.tracking.uri, "experiment": None, "parent": None, "stages": {}}}
+        run["vfm_version"] = self.version
+        self.rundir.write_run(run)
+        self.storage.write_text(self.rundir.path(CONFIG_FILE), self.dump_config(self.config))
+        return run
+
+    def _experiment_name(self) -> str:
+        return self.config.mlflow.experiment or self.config.name
+
+    def _common_tags(self) -> dict[str, str]:
+        tags = {"vfm.version": self.version, "vfm.run_dir": self.rundir.uri}
+        if sha := git_sha():
+            tags["vfm.git_sha"] = sha
+        if job := ray_job_id():
+            tags["vfm.ray_job_id"] = job
+        return tags
+
+    def _parent_run(self, run: dict[str, Any]) -> str:
+        mlf = run.setdefault("mlflow", {})
+        exp_id = self.tracking.experiment(self._experiment_name())
+        if mlf.get("experiment") != exp_id:
+            mlf.update({"experiment": exp_id, "parent": None, "stages": {}})
+        params = self.flat_params(self.config)
+        parent = self.tracking.parent_run(exp_id, mlf.get("parent"), f"{self.config.name}-{run['run_id'][:8]}",
+                                          {**self._common_tags(), "vfm.status": "running"}, params)
+        mlf.update({"tracking_uri": self.tracking.uri, "parent": parent})
+        self.rundir.write_run(run)
+        with tempfile.TemporaryDirectory(prefix="vfm-") as tmp:
+            path = Path(tmp, CONFIG_FILE)
+            path.write_text(self.dump_config(self.config))
+            self.tracking.tracker(parent).log_artifact(path)
+        return parent
+
+    def _run_stage(self, stage: Stage, run: dict[str, Any], parent: str, cache_dir: Path,
+                   fresh: bool) -> dict[str, float]:
+        name, fp = stage.name, self.fingerprints[stage.name]
+        previous = self.rundir.success(name) or self.rundir.attempt(name) or {}
+        if fresh or (previous and previous.get("fingerprint") != fp):
+            why = "--force" if fresh else "its config changed"
+            self.log(f"[{name}] starting from scratch ({why})")
+            self.rundir.clear_stage(name)
+        else:
+            self.rundir.invalidate(name)
+        mlf = run["mlflow"]
+        section_params = {k: v for k, v in self.flat_params(self.config).items()
+                          if k.split(".", 1)[0] in (name, *stage.extra_sections)}
+        run_id = self.tracking.stage_run(mlf["experiment"], parent, name, mlf["stages"].get(name), fp,
+                                         {**self._common_tags(), "vfm.status": "running",
+                                          "vfm.output_uri": self.rundir.stage_dir(name)}, section_params)
+        mlf["stages"][name] = {"run_id": run_id, "fingerprint": fp}
+        self.rundir.write_run(run)
+        self.rundir.mark_attempt(name, fp)
+        ctx = StageContext(
+            name=name, config=self.config, section=getattr(self.config, name), run_dir=self.rundir.uri,
+            dir=self.rundir.stage_dir(name), work_dir=self.rundir.work_dir(name),
+            cache_dir=cache_dir / run["run_id"][:12] / name, storage=self.storage,
+            tracker=self.tracking.tracker(run_id),
+            upstream_dirs={r: self.rundir.stage_dir(r) for r in stage.requires})
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"[{name}] running (fingerprint {fp}, MLflow run {run_id})")
+        t0 = time.monotonic()
+        try:
+            metrics = stage.run(ctx) or {}
+        except KeyboardInterrupt:
+            self.rundir.mark_failed(name, fp, "interrupted")
+            self.tracking.finish(run_id, "killed")
+            raise
+        except Exception as exc:
+            line = _error_line(exc)
+            self.rundir.mark_failed(name, fp, line)
+            self.tracking.finish(run_id, "failed")
+            raise StageFailed(name, line) from exc
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics["stage_seconds"] = time.monotonic() - t0
+        tracker = self.tracking.tracker(run_id)
+        tracker.log_metrics(metrics)
+        self.rundir.mark_success(name, fp, metrics, {"mlflow_run_id": run_id, "vfm_version": self.version})
+        self.tracking.finish(run_id, "done")
+        self.log(f"[{name}] done in {metrics['stage_seconds']:.1f}s")
+        return metrics
+

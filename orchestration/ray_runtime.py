@@ -1,0 +1,107 @@
+"""The one place that starts or joins Ray, and checks stage resources against the cluster.
+
+Without an address, a local Ray is started bound to 127.0.0.1 with its temp dir under the
+run's local cache, and stopped at exit. With RAY_ADDRESS or ``ray.address`` it joins that
+cluster, after checking the address answers at all (ray.init would otherwise retry for a
+long time).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# AF_UNIX socket paths are limited to 107 bytes and Ray nests its sockets ~70 bytes deep.
+_MAX_TEMP_DIR = 40
+
+
+class RayError(RuntimeError):
+    """Ray cannot be used as configured; one line saying why."""
+
+
+def _check_reachable(address: str) -> None:
+    hostport = address.removeprefix("ray://").split("/", 1)[0]
+    if address in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as exc:
+        raise RayError(f"Ray cluster at {address} is unreachable: {exc}") from None
+
+
+def ray_temp_dir(cache_dir: str | Path) -> str:
+    """A temp dir for a local Ray under the cache dir, or a short one in /tmp when that path is too long."""
+    path = Path(cache_dir, "ray").resolve()
+    if len(str(path)) > _MAX_TEMP_DIR:
+        path = Path(tempfile.gettempdir(), f"vfm-ray-{os.getuid()}")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def start_ray(address: str | None, *, num_cpus: int | None, num_gpus: int | None, dashboard: bool,
+              object_store_memory_gb: float | None, cache_dir: str | Path) -> dict[str, Any]:
+    """Start or join Ray; returns {"address", "local": bool}. Ray already up in this process is reused."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or address
+    if ray.is_initialized():
+        return {"address": address or "local", "local": address is None}
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        except Exception as exc:
+            raise RayError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        return {"address": address, "local": False}
+    kwargs: dict[str, Any] = {}
+    if object_store_memory_gb:
+        kwargs["object_store_memory"] = int(object_store_memory_gb * 2**30)
+    if num_gpus is None:
+        try:
+            import torch
+
+            num_gpus = torch.cuda.device_count()
+        except Exception:
+            num_gpus = 0
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=ray_temp_dir(cache_dir),
+             logging_level="WARNING", configure_logging=True, **kwargs)
+    return {"address": "local", "local": True}
+
+
+def stop_ray(started: dict[str, Any] | None) -> None:
+    import ray
+
+    if started is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def largest_node() -> dict[str, float]:
+    """CPUs and GPUs of the biggest alive node: one task can never ask for more than that."""
+    import ray
+
+    best = {"CPU": 0.0, "GPU": 0.0}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        best["CPU"] = max(best["CPU"], float(res.get("CPU", 0)))
+        best["GPU"] = max(best["GPU"], float(res.get("GPU", 0)))
+    return best
+
+
+def check_resources(requests: dict[str, tuple[float, float]]) -> None:
+    """Refuse stages whose single request no node can satisfy (Ray would wait forever)."""
+    node = largest_node()
+    for stage, (cpus, gpus) in requests.items():
+        if cpus > node["CPU"] or gpus > node["GPU"]:
+            raise RayError(
+                f"stage {stage} needs {cpus:g} CPUs and {gpus:g} GPUs in one task, but the largest node of the "
+                f"Ray cluster has {node['CPU']:g} CPUs and {node['GPU']:g} GPUs; lower the stage's resources "
+                "in the config or add bigger nodes")

@@ -1,0 +1,128 @@
+"""The run directory: run.json, config.yaml and each stage's folder with its markers.
+
+Markers in a stage folder:
+- ``_ATTEMPT.json``: written when an attempt starts (fingerprint, pid, host, time);
+- ``_FAILED.json``: written when an attempt raises (the error line);
+- ``_SUCCESS.json``: written last and atomically when the stage finished, with its fingerprint
+  and headline metrics. Only this one makes a stage done, and only with the current fingerprint.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from data_curation.storage import Storage
+
+SUCCESS, ATTEMPT, FAILED = "_SUCCESS.json", "_ATTEMPT.json", "_FAILED.json"
+STATES = ("done", "pending", "running", "failed", "stale")
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str  # one of STATES
+    fingerprint: str  # the current one, from the config
+    recorded_fingerprint: str | None  # the one in _SUCCESS.json, if any
+    mlflow_run_id: str | None
+    metrics: dict[str, float]
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.name, "state": self.state, "fingerprint": self.fingerprint,
+                "recorded_fingerprint": self.recorded_fingerprint, "mlflow_run_id": self.mlflow_run_id,
+                "metrics": self.metrics, "detail": self.detail}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    def __init__(self, uri: str, storage: Storage):
+        self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+        self.storage = storage
+
+    def path(self, *parts: str) -> str:
+        return self.storage.join(self.uri, *parts)
+
+    def stage_dir(self, name: str) -> str:
+        return self.path(name)
+
+    def work_dir(self, name: str) -> str:
+        return self.path(name, "_work")
+
+    # -- run.json --------------------------------------------------------------------
+    def read_run(self) -> dict[str, Any] | None:
+        uri = self.path("run.json")
+        return self.storage.read_json(uri) if self.storage.exists(uri) else None
+
+    def write_run(self, run: dict[str, Any]) -> None:
+        self.storage.write_json(self.path("run.json"), run)
+
+    # -- markers ---------------------------------------------------------------------
+    def _marker(self, name: str, marker: str) -> dict[str, Any] | None:
+        uri = self.path(name, marker)
+        try:
+            return self.storage.read_json(uri)
+        except FileNotFoundError:
+            return None
+
+    def success(self, name: str) -> dict[str, Any] | None:
+        return self._marker(name, SUCCESS)
+
+    def attempt(self, name: str) -> dict[str, Any] | None:
+        return self._marker(name, ATTEMPT)
+
+    def mark_attempt(self, name: str, fingerprint: str) -> None:
+        self.storage.rm(self.path(name, FAILED))
+        self.storage.write_json(self.path(name, ATTEMPT), {
+            "fingerprint": fingerprint, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.time()})
+
+    def mark_failed(self, name: str, fingerprint: str, error: str) -> None:
+        self.storage.write_json(self.path(name, FAILED), {
+            "fingerprint": fingerprint, "error": error, "failed": time.time()})
+
+    def mark_success(self, name: str, fingerprint: str, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        self.storage.write_json(self.path(name, SUCCESS), {
+            "fingerprint": fingerprint, "metrics": metrics, "finished": time.time(), **extra})
+        self.storage.rm(self.path(name, ATTEMPT))
+
+    def clear_stage(self, name: str) -> None:
+        """Forget a stage entirely (--force): its outputs, inner checkpoints and markers."""
+        self.storage.rm(self.stage_dir(name), recursive=True)
+
+    def invalidate(self, name: str) -> None:
+        """Remove only the success marker, so the stage is redone from its inner checkpoints."""
+        self.storage.rm(self.path(name, SUCCESS))
+
+    def status(self, name: str, fingerprint: str, mlflow_run_id: str | None) -> StageStatus:
+        ok = self.success(name)
+        recorded = ok.get("fingerprint") if ok else None
+        metrics = ok.get("metrics", {}) if ok else {}
+        if ok and recorded == fingerprint:
+            return StageStatus(name, "done", fingerprint, recorded, mlflow_run_id, metrics)
+        failed = self._marker(name, FAILED)
+        attempt = self._marker(name, ATTEMPT)
+        if attempt and not (failed and failed.get("failed", 0) >= attempt.get("started", 0)):
+            same_host = attempt.get("host") == socket.gethostname()
+            if same_host and not _pid_alive(int(attempt.get("pid", -1))):
+                return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics,
+                                   f"interrupted (process {attempt.get('pid')} is gone)")
+            return StageStatus(name, "running", fingerprint, recorded, mlflow_run_id, metrics,
+                               f"pid {attempt.get('pid')} on {attempt.get('host')}")
+        if failed:
+            return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics, failed.get("error", ""))
+        if ok:
+            return StageStatus(name, "stale", fingerprint, recorded, mlflow_run_id, metrics,
+                               "config or an upstream stage changed since it ran")
+        return StageStatus(name, "pending", fingerprint, recorded, mlflow_run_id, metrics)

@@ -1,0 +1,164 @@
+"""MLflow tracking: one experiment per config name, one parent run per pipeline run, one
+nested run per stage. Run ids live in run.json, so a resumed run reattaches to the same
+runs instead of making new ones.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ON_FINISH = {"done": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used; one line naming the tracking URI."""
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI, else the config's, else sqlite:///mlflow.db in the working directory (absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_sha() -> str | None:
+    """The commit of the vfm source tree, where it is a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def ray_job_id() -> str | None:
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("VFM_RAY_JOB_ID")
+
+
+class StageTracker:
+    """The Tracker a stage sees (orchestration.stage.Tracker), bound to its nested run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+class Tracking:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the store cannot be reached or opened."""
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else "file"
+        if scheme in ("http", "https"):
+            try:
+                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as resp:
+                    resp.read()
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise TrackingError(f"MLflow tracking server {self.uri} is unreachable: {reason}") from None
+        elif scheme == "sqlite":
+            db = Path(self.uri.split("sqlite:///", 1)[-1])
+            if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+                raise TrackingError(f"MLflow store {self.uri}: folder {db.parent} does not exist or is not writable")
+        elif scheme == "file":
+            raise TrackingError(f"MLflow tracking URI {self.uri}: the file store is not supported by MLflow 3; "
+                                "use sqlite:///PATH.db or an http(s) server")
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(f"MLflow tracking URI {self.uri} cannot be used: {line[:300]}") from None
+
+    def experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            return self.client.create_experiment(name)
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _alive(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:
+            return False
+
+    def parent_run(self, experiment_id: str, existing: str | None, run_name: str, tags: dict[str, str],
+                   params: dict[str, str]) -> str:
+        """Reattach to ``existing`` if the store still has it, else start a new parent run."""
+        if self._alive(existing):
+            run_id = existing
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self._log_new_params(run_id, params)
+        StageTracker(self.client, run_id).set_tags(tags)
+        return run_id
+
+    def _log_new_params(self, run_id: str, params: dict[str, str]) -> None:
+        """MLflow params are write-once: log the keys this run does not have yet."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(run_id).data.params
+        items = [Param(k[:250], v[:6000]) for k, v in params.items() if k[:250] not in have]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def stage_run(self, experiment_id: str, parent_id: str, stage: str, existing: dict[str, Any] | None,
+                  fingerprint: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        """The stage's nested run: the recorded one when it ran with this fingerprint, else a new one."""
+        if existing and existing.get("fingerprint") == fingerprint and self._alive(existing.get("run_id")):
+            run_id = existing["run_id"]
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {"mlflow.parentRunId": parent_id, **tags}
+            run_id = self.client.create_run(experiment_id, run_name=stage, tags=all_tags).info.run_id
+            if existing and self._alive(existing.get("run_id")):
+                self.client.set_tag(existing["run_id"], "vfm.superseded_by", run_id)
+            self._log_new_params(run_id, params)
+        StageTracker(self.client, run_id).set_tags({**tags, "vfm.fingerprint": fingerprint})
+        return run_id
+
+    def tracker(self, run_id: str) -> StageTracker:
+        return StageTracker(self.client, run_id)
+
+    def finish(self, run_id: str, state: str) -> None:
+        self.client.set_tag(run_id, "vfm.status", state)
+        self.client.set_terminated(run_id, status=ON_FINISH.get(state, "FINISHED"))
+
+    def set_status(self, run_id: str, state: str) -> None:
+        self.client.set_tag(run_id, "vfm.status", state)

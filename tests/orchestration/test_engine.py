@@ -1,0 +1,171 @@
+"""The stage engine on stand-in stages: real local Ray, real MLflow sqlite store, real files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestration.engine import EngineError, StageFailed
+from orchestration.ray_runtime import RayError
+from orchestration.tracking import TrackingError
+from pipeline.config.core import MlflowConfig
+from tests.orchestration.standin import StandinConfig, StepConfig, make_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def runs_of(run_dir: Path, stage: str) -> int:
+    path = run_dir / stage / "runs.log"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def cfg(uri: str, **sections) -> StandinConfig:
+    return StandinConfig(mlflow=MlflowConfig(tracking_uri=uri), **sections)
+
+
+def mlflow_runs(uri: str, experiment: str = "standin"):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_stages_run_in_order_then_a_rerun_is_a_noop(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    lines: list[str] = []
+    result = make_engine(cfg(mlflow_uri), str(run_dir), log=lines.append).run()
+    assert result.ran == ["a", "b", "c"]
+    assert json.loads((run_dir / "c" / "out.json").read_text())["total"] == 3
+    for stage in "abc":
+        marker = json.loads((run_dir / stage / "_SUCCESS.json").read_text())
+        assert marker["metrics"]["total"] >= 1
+    again = make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    assert again.ran == [] and again.skipped == ["a", "b", "c"]
+    assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]
+    assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "run.json").read_text())["run_id"]
+
+
+def test_changed_section_reruns_exactly_that_stage_and_downstream(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    engine = make_engine(cfg(mlflow_uri, b=StepConfig(value=3)), str(run_dir))
+    assert [s.state for s in engine.statuses()] == ["done", "stale", "stale"]
+    result = engine.run()
+    assert result.ran == ["b", "c"] and result.skipped == ["a"]
+    assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]  # b, c started from scratch: new folder
+    assert json.loads((run_dir / "c" / "out.json").read_text())["total"] == 1 + 9 + 1
+
+
+def test_one_parent_and_one_nested_run_per_stage_in_mlflow(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(start="b")
+    runs = mlflow_runs(mlflow_uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and sorted(r.info.run_name for r in children) == ["a", "b", "c"]
+    parent = parents[0]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert parent.data.params["b.value"] == "1" and parent.data.tags["vfm.status"] == "done"
+    child_b = next(r for r in children if r.info.run_name == "b")
+    assert child_b.data.metrics["total"] == 2.0 and child_b.data.tags["vfm.fingerprint"]
+    assert child_b.data.tags["vfm.output_uri"].endswith("/b")
+
+
+def test_only_from_and_force(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    with pytest.raises(EngineError, match="needs stage a, which is pending"):
+        make_engine(cfg(mlflow_uri), str(run_dir)).run(only="b")
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
+    assert runs_of(run_dir, "a") == 1 and runs_of(run_dir, "b") == 0
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run(start="b").ran == ["b", "c"]
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run(start="c").ran == ["c"]
+    assert runs_of(run_dir, "c") == 2  # --from reran c from its inner checkpoints, keeping its folder
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run(only="c", force=True).ran == ["c"]
+    assert runs_of(run_dir, "c") == 1  # --force started it from scratch
+    with pytest.raises(EngineError, match="--only nope: no such stage"):
+        make_engine(cfg(mlflow_uri), str(run_dir)).run(only="nope")
+
+
+def test_failed_stage_is_marked_and_resume_continues(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    with pytest.raises(StageFailed, match="b was told to fail"):
+        make_engine(cfg(mlflow_uri, b=StepConfig(fail=True)), str(run_dir)).run()
+    engine = make_engine(cfg(mlflow_uri, b=StepConfig(fail=True)), str(run_dir))
+    assert [s.state for s in engine.statuses()] == ["done", "failed", "pending"]
+    assert "told to fail" in engine.statuses()[1].detail
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
+
+
+def test_run_dir_of_another_config_is_refused_unless_forced(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
+    other = cfg(mlflow_uri).model_copy(update={"name": "other"})
+    with pytest.raises(EngineError, match="made by config 'standin', not 'other'"):
+        make_engine(other, str(run_dir)).run()
+    assert runs_of(run_dir, "a") == 1  # nothing lost
+    assert make_engine(other, str(run_dir)).run(force=True).ran == ["a", "b", "c"]
+
+
+def test_unreachable_mlflow_fails_before_any_work(tmp_path, ray_session):
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrackingError, match="http://127.0.0.1:9 is unreachable"):
+        make_engine(cfg("http://127.0.0.1:9"), str(run_dir)).run()
+    assert not run_dir.exists()
+
+
+def test_stage_asking_more_than_the_cluster_has_is_refused(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RayError, match="stage b needs 1 CPUs and 4 GPUs in one task.*has 2 CPUs and 0 GPUs"):
+        make_engine(cfg(mlflow_uri, b=StepConfig(gpus=4)), str(run_dir)).run()
+
+
+def test_unreachable_ray_cluster_is_one_clear_error(tmp_path, mlflow_uri):
+    c = cfg(mlflow_uri)
+    c.ray.address = "127.0.0.1:9"
+    with pytest.raises(RayError, match="Ray cluster at 127.0.0.1:9 is unreachable"):
+        make_engine(c, str(tmp_path / "run")).run()
+
+
+def test_run_dir_on_s3(s3, mlflow_uri, ray_session):
+    c = cfg(mlflow_uri)
+    c.storage.endpoint_url, c.storage.key, c.storage.secret = s3.endpoint_url, s3.key, s3.secret
+    run_dir = s3.uri("runs/one")
+    assert make_engine(c, run_dir).run().ran == ["a", "b", "c"]
+    assert s3.storage.read_json(s3.uri("runs/one/c/out.json"))["total"] == 3
+    assert s3.storage.exists(s3.uri("runs/one/b/_SUCCESS.json"))
+    assert "secret: '***'" in s3.storage.read_text(s3.uri("runs/one/config.yaml"))
+    assert make_engine(c, run_dir).run().skipped == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume_reattaches_mlflow_runs(tmp_path, mlflow_uri):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.orchestration.standin", str(run_dir), mlflow_uri]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "STANDIN_SLEEP": "1.0"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "b" / "_work" / "piece-1.json").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "stage b never got going"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    engine = make_engine(cfg(mlflow_uri), str(run_dir))
+    states = [s.state for s in engine.statuses()]
+    assert states[0] == "done" and states[1] == "failed" and "interrupted" in engine.statuses()[1].detail
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"ran": ["b", "c"], "skipped": ["a"]}
+    marker = json.loads((run_dir / "b" / "_SUCCESS.json").read_text())
+    assert marker["metrics"]["pieces_done"] < 5  # the pieces finished before the kill were kept
+    runs = mlflow_runs(mlflow_uri)
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
+    assert sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags) == ["a", "b", "c"]

