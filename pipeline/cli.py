@@ -22,9 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestration.ray_runtime import RayError
     from orchestration.submit import SubmitError
     from orchestration.tracking import TrackingError
-    from pipeline.config.root import ConfigError
+    from pipeline.config.load import ConfigError
+    from pipeline.export import ExportError
 
-    return (UsageError, ConfigError, EngineError, StorageError, TrackingError, RayError, SubmitError,
+    return (UsageError, ConfigError, EngineError, StorageError, TrackingError, RayError, SubmitError, ExportError,
             FileNotFoundError, PermissionError)
 
 
@@ -75,7 +76,7 @@ def _saved_config(run_dir: str, sets: list[str]):
         data["mlflow"]["tracking_uri"] = storage.read_json(run_json).get("mlflow", {}).get("tracking_uri")
     for text in sets:
         parts, value = parse_override(text)
-        _apply_override(data, parts, value, Config)
+        apply_override(data, parts, value, Config)
     return validate(data, Config, path)
 
 
@@ -176,9 +177,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from models.weights import CheckpointError
     from pipeline.export import export_run
 
-    export_run(args.run_dir, args.format, args.out, storage=_storage_from_sets(args.set), log=_log)
+    try:
+        export_run(args.run_dir, args.format, args.out, storage=_storage_from_sets(args.set), log=_log)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 

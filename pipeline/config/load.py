@@ -78,6 +78,7 @@ def _resolve(source: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], s
         if not base_path.is_absolute() and (path.parent / base).suffix in (".yaml", ".yml"):
             base = str(path.parent / base)
         base_data, _, _ = _resolve(base, (*seen, label))
+        base_data.pop("name")  # a config is named by itself (its name: key, else its file name), not its base
         data = _merge(base_data, data)
     data.setdefault("name", name)
     return data, label, name
@@ -98,12 +99,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_override(data: dict[str, Any], parts: list[str], value: Any, model: type[BaseModel]) -> None:
+def apply_override(data: dict[str, Any], parts: list[str], value: Any, model: type[BaseModel]) -> None:
+    """Set ``value`` at ``parts`` in the raw config, checking each key exists in the schema."""
+    label = f"--set {'.'.join(parts)}={value}"
     node, cls = data, model
     for i, part in enumerate(parts):
         fields = cls.model_fields if cls is not None else None
         if fields is not None and part not in fields:
-            raise ConfigError(f"--set {'.'.join(parts)}: unknown key {'.'.join(parts[: i + 1])!r}")
+            raise ConfigError(f"{label}: unknown key {'.'.join(parts[: i + 1])!r}")
         if i == len(parts) - 1:
             node[part] = value
             return
@@ -113,7 +116,7 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, model: t
         if not isinstance(child, dict):
             child = {} if child is None or cls is not None else child
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section")
             node[part] = child
         node = child
 
@@ -142,7 +145,7 @@ def load_config(source: str | None, overrides: list[str] | tuple[str, ...] = (),
     data, label, _ = _resolve(source or default)
     for text in overrides:
         parts, value = parse_override(text)
-        _apply_override(data, parts, value, model)
+        apply_override(data, parts, value, model)
     if overrides:
         label += " with --set " + " ".join(overrides)
     return validate(data, model, label)

@@ -1,0 +1,82 @@
+"""Config: presets, YAML files, --set overrides, and errors that name the file and the key path."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config.load import ConfigError, list_presets
+from pipeline.config.root import Config, dump_config, flatten_config, load_config
+
+SHIPPED = {"local", "smoke", "vit7b", "vit_small", "vit_base", "vit_large"}
+
+
+def test_every_shipped_preset_loads_and_describes_itself():
+    presets = list_presets()
+    assert SHIPPED <= set(presets)
+    for name, description in presets.items():
+        config = load_config(name)
+        assert isinstance(config, Config) and config.name == name
+        assert description, f"preset {name} has no description line"
+
+
+def test_default_is_the_local_preset():
+    assert load_config(None).name == "local"
+
+
+def test_set_overrides_are_typed():
+    config = load_config("smoke", ["run.seed=7", "evaluate.knn_temperature=0.1", "ray.dashboard=true",
+                                   "evaluate.knn_k=[5, 7]", "storage.endpoint_url=http://127.0.0.1:1"])
+    assert config.run.seed == 7 and config.evaluate.knn_temperature == 0.1 and config.ray.dashboard is True
+    assert config.evaluate.knn_k == [5, 7] and config.storage.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: smoke\ncurate:\n  sample:\n    targett: 10\n")
+    with pytest.raises(ConfigError, match=rf"{path}: curate.sample.targett: unknown key"):
+        load_config(str(path))
+
+
+def test_wrong_type_names_the_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: smoke\nshard:\n  samples_per_shard: lots\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: shard.samples_per_shard: .*integer.*'lots'"):
+        load_config(str(path))
+
+
+def test_unknown_key_in_set_names_the_path():
+    with pytest.raises(ConfigError, match=r"--set shard.nope=1: unknown key 'shard.nope'"):
+        load_config("smoke", ["shard.nope=1"])
+    with pytest.raises(ConfigError, match=r"expected KEY.PATH=VALUE"):
+        load_config("smoke", ["shard.samples_per_shard"])
+
+
+def test_missing_file_and_unknown_preset():
+    with pytest.raises(ConfigError, match="config file nowhere/x.yaml does not exist"):
+        load_config("nowhere/x.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'vit9b'; shipped presets: .*local"):
+        load_config("vit9b")
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("curate:\n  sources: [a\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line \d+\)"):
+        load_config(str(path))
+
+
+def test_a_file_extends_a_preset_and_takes_its_own_name(tmp_path):
+    path = tmp_path / "exp1.yaml"
+    path.write_text("base: smoke\nrun:\n  seed: 3\n")
+    config, smoke = load_config(str(path)), load_config("smoke")
+    assert config.name == "exp1" and config.run.seed == 3
+    assert config.shard == smoke.shard and config.model == smoke.model
+
+
+def test_secrets_are_masked_in_the_saved_config_and_params():
+    config = load_config("smoke", ["storage.secret=hunter2", "storage.key=AKIA123"])
+    saved = yaml.safe_load(dump_config(config))
+    assert saved["storage"]["secret"] == "***" and saved["storage"]["key"] == "***"
+    params = flatten_config(config)
+    assert params["storage.secret"] == "***" and "hunter2" not in str(params)
+    assert params["shard.samples_per_shard"] == str(config.shard.samples_per_shard)
