@@ -4,6 +4,7 @@ runs instead of making new ones.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -74,6 +75,10 @@ class Tracking:
     def client(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
+
+            # Schema creation of a new sqlite store logs at INFO on every first use; not news to a user.
+            for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client

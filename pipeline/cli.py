@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -62,7 +63,7 @@ def _engine(config, run_dir: str):
 def _saved_config(run_dir: str, sets: list[str]):
     """The config a run directory was made with, plus --set overrides (for secrets, say)."""
     from pipeline.config.root import load_saved_config
-    from pipeline.config.load import _apply_override, parse_override, validate
+    from pipeline.config.load import apply_override, parse_override, validate
     from pipeline.config.root import Config
 
     storage = _storage_from_sets(sets)
@@ -158,14 +159,16 @@ def run_argv(args) -> list[str]:
 
 
 def cmd_plan(args) -> int:
-    from models.plan import PlanDoesNotFit, plan_model, render_plan
     from pipeline.config.root import load_config
 
     config = load_config(args.config, args.set)
-    try:
-        plan = plan_model(config.model, config.train, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-    except PlanDoesNotFit as exc:
-        raise UsageError(str(exc)) from None
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout when imported; keep stdout the plan
+        from models.plan import PlanDoesNotFit, plan_model, render_plan
+
+        try:
+            plan = plan_model(config.model, config.train, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+        except PlanDoesNotFit as exc:
+            raise UsageError(str(exc)) from None
     print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
     return 0
 

@@ -68,7 +68,7 @@ class SeaweedS3:
         p = self.ports
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
                f"-master.port={p['master']}", "-master.volumeSizeLimitMB=64", f"-volume.port={p['volume']}",
-               "-volume.max=0", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}",
+               "-volume.max=0", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                f"-s3.config={self.config_path}"]
         log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,

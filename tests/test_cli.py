@@ -1,0 +1,149 @@
+"""The `vfm` command as a user runs it: real stages, real local Ray, real MLflow sqlite store, real S3."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vfm(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if not (env and "MLFLOW_TRACKING_URI" in env) else None
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def status(run_dir: Path, cwd: Path) -> dict[str, str]:
+    out = vfm("status", str(run_dir), "--json", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return {s["stage"]: s["state"] for s in json.loads(out.stdout)["stages"]}
+
+
+def stage_runs(db: Path, experiment: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+    return parents, children
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vfm: error: "), result.stderr
+    return lines[0]
+
+
+# -- bad input: one line, exit 2, nothing lost ------------------------------------------------
+def test_config_errors_are_one_line(tmp_path):
+    assert "unknown preset 'nope'" in one_error_line(vfm("run", "-c", "nope", cwd=tmp_path))
+    assert "config file missing.yaml does not exist" in one_error_line(vfm("run", "-c", "missing.yaml", cwd=tmp_path))
+    line = one_error_line(vfm("run", "-c", "smoke", "--set", "shard.bogus=1", cwd=tmp_path))
+    assert "unknown key 'shard.bogus'" in line
+    line = one_error_line(vfm("run", "-c", "smoke", "--set", "shard.samples_per_shard=many", cwd=tmp_path))
+    assert "shard.samples_per_shard" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_run_dir_is_one_line(tmp_path):
+    assert "is not a vfm run directory" in one_error_line(vfm("status", str(tmp_path / "nowhere"), cwd=tmp_path))
+    assert "is not a vfm run directory" in one_error_line(vfm("resume", str(tmp_path / "nowhere"), cwd=tmp_path))
+
+
+def test_s3_endpoint_down_is_one_line(tmp_path):
+    line = one_error_line(vfm("run", "-c", "smoke", "--run-dir", "s3://bucket/run", "--set",
+                              "storage.endpoint_url=http://127.0.0.1:9", "--set", "storage.key=k", "--set",
+                              "storage.secret=s", cwd=tmp_path, timeout=300))
+    assert "s3://bucket/run" in line and "EndpointConnectionError" in line
+
+
+def test_s3_credentials_rejected_is_one_line(tmp_path, s3):
+    line = one_error_line(vfm("run", "-c", "smoke", "--run-dir", s3.uri("run"), "--set",
+                              f"storage.endpoint_url={s3.endpoint_url}", "--set", f"storage.key={s3.key}",
+                              "--set", "storage.secret=wrong", cwd=tmp_path, timeout=300))
+    assert s3.uri("run") in line
+
+
+def test_mlflow_unreachable_fails_fast(tmp_path):
+    t0 = time.monotonic()
+    line = one_error_line(vfm("run", "-c", "smoke", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}))
+    assert "MLflow tracking server http://127.0.0.1:9 is unreachable" in line
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "runs").exists()
+
+
+def test_ray_cluster_unreachable_is_one_line(tmp_path):
+    line = one_error_line(vfm("run", "-c", "smoke", "--address", "127.0.0.1:9", cwd=tmp_path))
+    assert "Ray cluster at 127.0.0.1:9 is unreachable" in line
+
+
+def test_plan_prints_the_7b_parameter_count(tmp_path):
+    out = vfm("plan", "-c", "vit7b", "--json", "--nodes", "4", "--gpus-per-node", "8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["parameters"]["backbone"] == 6_716_043_264
+
+
+def test_presets_lists_the_shipped_presets(tmp_path):
+    out = vfm("presets", cwd=tmp_path)
+    names = {line.split()[0] for line in out.stdout.splitlines()}
+    assert {"local", "smoke", "vit7b", "vit_small", "vit_base", "vit_large"} <= names
+
+
+# -- the whole pipeline ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_pipeline_then_noop_then_only_changed_stage_reruns(tmp_path):
+    first = vfm("run", "-c", "smoke", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "smoke"
+    assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
+    assert (run_dir / "curate" / "manifest.parquet").exists() and (run_dir / "evaluate" / "report.md").exists()
+    assert list((run_dir / "shard" / "shards").glob("*.tar"))
+    parents, children = stage_runs(tmp_path / "mlflow.db", "smoke")  # the default store: ./mlflow.db
+    assert len(parents) == 1 and children == ["curate", "evaluate", "shard"]
+
+    again = vfm("run", "-c", "smoke", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "running" not in again.stderr
+
+    changed = vfm("run", "-c", "smoke", "--set", "evaluate.knn_k=[5]", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "[curate] done" in changed.stderr and "[shard] done" in changed.stderr
+    assert "[evaluate] running" in changed.stderr
+
+    other = vfm("run", "-c", "local", "--run-dir", str(run_dir), cwd=tmp_path)
+    assert "was made by config 'smoke', not 'local'" in one_error_line(other)
+    # nothing was lost: every stage is still done under the run's own saved config
+    assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_stage_then_resume(tmp_path):
+    run_dir = tmp_path / "runs" / "smoke"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-c", "smoke"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "shard" / "_ATTEMPT.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the shard stage never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    states = status(run_dir, tmp_path)
+    assert states["curate"] == "done" and states["shard"] in ("failed", "done")
+
+    resumed = vfm("resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[curate] done" in resumed.stderr
+    assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
+    parents, children = stage_runs(tmp_path / "mlflow.db", "smoke")
+    assert len(parents) == 1 and children == ["curate", "evaluate", "shard"]
