@@ -31,6 +31,8 @@ def _client(address: str):
         return JobSubmissionClient(address)
     except Exception as exc:
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "authentication" in line.lower():
+            line += " (the cluster uses Ray token auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         raise SubmitError(f"Ray Jobs API at {address} is unreachable: {line}") from None
 
 
@@ -50,10 +52,8 @@ def submit_run(address: str, argv: list[str], *, config_path: str | None, follow
         argv = [Path(config_path).name if a == config_path else a for a in argv]
     entrypoint = shlex.join(argv)
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
-    except Exception as exc:
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SubmitError(f"Ray Jobs API at {address} refused the job: {line}") from None
+        job_id = _submit_with_retry(client, address, log, entrypoint=entrypoint, runtime_env=runtime_env,
+                                    submission_id=submission_id)
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
@@ -65,6 +65,20 @@ def submit_run(address: str, argv: list[str], *, config_path: str | None, follow
     status = _wait(client, job_id)
     log(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_with_retry(client, address: str, log: Callable[[str], None], retry_for: float = 120.0, **job) -> str:
+    """Submit, waiting out a head that is up but whose job agent is not ready yet (a fresh cluster)."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as exc:
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "try again later" not in line or time.monotonic() > deadline:
+                raise SubmitError(f"Ray Jobs API at {address} refused the job: {line}") from None
+            log(f"the Ray head at {address} is not ready to take jobs yet; retrying")
+            time.sleep(3)
 
 
 async def _tail(client, job_id: str) -> None:
