@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 
@@ -129,24 +130,29 @@ class Storage:
         self._guard(uri, "download", fs.get_file, path, str(local_path))
 
     # -- writing (atomic) ------------------------------------------------------------
+    @staticmethod
+    def _replace_local(uri: str, write: Callable[[BinaryIO], None]) -> None:
+        """Write through ``write`` into a temp file beside the destination, fsync, rename into place."""
+        dest = Path(uri.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write ``data`` to ``uri`` so that readers see the old object or the new, never half."""
         if _is_remote(uri):
             fs, path = self.fs(uri)
             self._guard(uri, "write", fs.pipe_file, path, data)
-            return
-        path = Path(uri.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        else:
+            self._replace_local(uri, lambda f: f.write(data))
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
@@ -160,20 +166,12 @@ class Storage:
             fs, path = self.fs(uri)
             self._guard(uri, "upload", fs.put_file, str(local_path), path)
             return
-        dest = Path(uri.removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        def copy(dst: BinaryIO) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+        self._replace_local(uri, copy)
 
     def makedirs(self, uri: str) -> None:
         if not _is_remote(uri):
