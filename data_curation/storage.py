@@ -108,6 +108,8 @@ class Storage:
                 yield self._unstrip(uri, path, posixpath.join(root, name))
 
     def read_bytes(self, uri: str) -> bytes:
+        if not _is_remote(uri):  # fsspec costs ~50 us a call: most of the time of small local files
+            return Path(uri.removeprefix("file://")).read_bytes()
         fs, path = self.fs(uri)
         return self._guard(uri, "read", fs.cat_file, path)
 
