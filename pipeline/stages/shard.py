@@ -1,0 +1,83 @@
+"""The shard stage: the curated manifest's selected images -> WebDataset shards with an index.
+
+Writes under the stage folder shards/NAME-000000.tar ..., index.parquet, shards.json and
+stats.json (see data_curation.shards.build); the plan and per-shard records go to the
+work folder, so a rerun keeps intact shards and writes only missing or mismatching ones.
+Sources are sized and groups of shards written by Ray tasks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+from data_curation.shards.build import ShardSpec, build_shards
+from data_curation.shards.encode import EncodeOptions
+from data_curation.shards.index import SHARDS_FOLDER
+from data_curation.shards.plan import ShardLimits
+from data_curation.shards.verify import verify_shards
+from data_curation.shards.writer import RetryPolicy, ShardUploadError
+from data_curation.storage import Storage
+from orchestration.stage import Resources, Stage, StageContext
+
+MANIFEST_FILE = "manifest.parquet"
+STAGE_FOLDER = "shard"  # the stage's folder in a run directory
+
+
+def spec_from_config(cfg) -> ShardSpec:
+    """The library's ShardSpec for a ShardConfig section."""
+    return ShardSpec(prefix=cfg.name, limits=ShardLimits(cfg.samples_per_shard, cfg.max_shard_bytes, cfg.seed),
+                     encode=EncodeOptions(cfg.max_side, cfg.encode_format, cfg.encode_quality),
+                     retry=RetryPolicy(cfg.upload_attempts, cfg.upload_backoff_s),
+                     shards_per_task=cfg.shards_per_task, stat_batch=cfg.stat_batch)
+
+
+def ray_run_all(log: Callable[[str], None]):
+    """A ``run_all`` for build_shards: each call is a 1-CPU Ray task; progress is logged as they finish."""
+
+    def run_all(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+        task = ray.remote(num_cpus=1)(fn)
+        refs = [task.remote(*args) for args in calls]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, ShardUploadError):  # one line naming the shard, not a remote traceback
+                    raise ShardUploadError(str(exc.cause)) from None
+                raise
+            log(f"{fn.__name__}: {len(refs) - len(pending)}/{len(refs)} tasks done")
+        return ray.get(refs)
+
+    return run_all
+
+
+def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> int:
+    """``vfm verify RUN_DIR``: re-read every shard against the index; 0 when all are good, 1 when
+    any is bad (each bad shard is named in a line of its own)."""
+    report = verify_shards(Storage.join(run_dir, STAGE_FOLDER), storage)
+    for name, reason in sorted(report.bad.items()):
+        log(f"bad shard {name}: {reason}")
+    log(report.summary())
+    return 0 if report.ok else 1
+
+
+class ShardStage(Stage):
+    name = STAGE_FOLDER
+    requires = ("curate",)
+    format_version = 1
+
+    def resources(self, config) -> Resources:
+        return Resources(cpus=1)
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        spec = spec_from_config(ctx.section)
+        result = build_shards(Storage.join(ctx.upstream("curate"), MANIFEST_FILE), ctx.dir, ctx.work_dir, spec,
+                              ctx.storage, ctx.cache_dir / "shard-scratch", ray_run_all(ctx.log), ctx.log)
+        ctx.tracker.set_tags({"shards_uri": Storage.join(ctx.dir, SHARDS_FOLDER)})
+        stats = result.stats(spec)
+        return {"samples": float(stats["samples"]), "shards": float(stats["shards"]), "bytes": float(stats["bytes"]),
+                "samples_skipped": float(sum(result.skipped.values())), "shards_kept": float(result.kept),
+                "shards_rewritten": float(result.written)}

@@ -1,0 +1,57 @@
+"""Re-reading shards against the index (what `vfm verify` runs) names exactly the bad shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_curation.shards.verify import verify_shards
+from data_curation.storage import Storage
+from pipeline.stages.shard import verify_cli
+
+
+def test_intact_shards_pass(built_once):
+    report = verify_shards(built_once.shard_dir)
+    assert report.ok and report.shards == 6 and report.samples == len(built_once.pool.selected)
+    assert report.summary().endswith("all good")
+
+
+def test_a_flipped_bit_and_a_missing_shard_are_reported_by_name(built):
+    shards = sorted(Path(built.shard_dir, "shards").iterdir())
+    data = bytearray(shards[2].read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shards[2].write_bytes(bytes(data))
+    shards[4].unlink()
+    report = verify_shards(built.shard_dir)
+    assert not report.ok
+    assert set(report.bad) == {shards[2].name, shards[4].name}
+    assert "sha256 mismatch" in report.bad[shards[2].name] and report.bad[shards[4].name] == "missing"
+    assert report.summary().endswith("2 bad") and report.to_dict()["bad_shards"] == report.bad
+
+
+def test_a_flipped_bit_in_padding_is_still_caught(built):
+    """Bytes no sample owns (tar padding, the end blocks) are covered by the shard checksum."""
+    shard = sorted(Path(built.shard_dir, "shards").iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    report = verify_shards(built.shard_dir)
+    assert set(report.bad) == {shard.name} and "bad sample" not in report.bad[shard.name]
+
+
+def test_a_folder_without_an_index_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no shards.json"):
+        verify_shards(str(tmp_path))
+
+
+def test_vfm_verify_exits_1_naming_the_bad_shard(built, tmp_path):
+    run_dir = Path(built.shard_dir).parent
+    lines: list[str] = []
+    assert verify_cli(str(run_dir), Storage(), lines.append) == 0 and lines[-1].endswith("all good")
+    shard = sorted(Path(built.shard_dir, "shards").iterdir())[1]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x80
+    shard.write_bytes(bytes(data))
+    lines.clear()
+    assert verify_cli(str(run_dir), Storage(), lines.append) == 1
+    assert lines[0].startswith(f"bad shard {shard.name}: ") and "1 bad" in lines[-1]
