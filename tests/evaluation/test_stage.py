@@ -1,0 +1,96 @@
+"""The evaluate stage on a real local Ray, and `vfm eval` on an HF DINOv3 folder."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+
+from data_curation.storage import Storage
+from orchestration.stage import StageContext
+from pipeline.cli import main
+from pipeline.config.evaluate import EvaluateConfig
+from pipeline.config.root import Config
+from pipeline.stages.evaluate import EvaluateStage
+from tests.evaluation.test_evaluate_backbone import tiny_hf_folder
+
+TINY = dict(datasets=["builtin:lfw"], max_train=60, max_test=20, resolution=16, copy_images=10, pca_images=2,
+            pixel_side=8)
+
+
+class MemoryTracker:
+    def __init__(self):
+        self.metrics, self.tags, self.artifacts = {}, {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_artifact(self, local_path, artifact_path=None):
+        self.artifacts.append(Path(local_path).name)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vfmray", dir="/tmp"),
+             logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _context(run_dir: Path, config: Config) -> StageContext:
+    return StageContext(name="evaluate", config=config, section=config.evaluate, run_dir=str(run_dir),
+                        dir=str(run_dir / "evaluate"), work_dir=str(run_dir / ".work" / "evaluate"),
+                        cache_dir=run_dir / ".cache", storage=Storage(), tracker=MemoryTracker())
+
+
+@pytest.mark.slow
+def test_stage_without_checkpoint_reports_the_baselines_and_reuses_features(local_ray, tmp_path, capsys):
+    config = Config(evaluate=EvaluateConfig(**TINY))
+    ctx = _context(tmp_path, config)
+    headline = EvaluateStage().run(ctx)
+    assert set(headline) == {"lfw/random_init/knn_k20_top1", "lfw/random_init/linear_top1"}
+    stage_dir = Path(ctx.dir)
+    assert {"report.json", "report.md", "pca_lfw_random_init.png"} <= {p.name for p in stage_dir.iterdir()}
+    assert "No trained backbone was given" in (stage_dir / "report.md").read_text()
+    assert "lfw/raw_pixels/knn_k10_top1" in ctx.tracker.metrics
+    assert "pca_lfw_random_init.png" in ctx.tracker.artifacts
+    assert len(list((tmp_path / ".work" / "evaluate" / "features").iterdir())) == 1
+    first = json.loads((stage_dir / "report.json").read_text())
+
+    again = EvaluateStage().run(_context(tmp_path, config))
+    assert "reusing features saved by an earlier attempt" in capsys.readouterr().err
+    assert again == headline
+    assert json.loads((stage_dir / "report.json").read_text())["datasets"] == first["datasets"]
+
+
+@pytest.mark.slow
+def test_stage_rejects_a_checkpoint_of_another_architecture(local_ray, tmp_path):
+    folder = tiny_hf_folder(tmp_path / "hf")
+    config = Config(evaluate=EvaluateConfig(checkpoint=str(folder), **TINY))
+    with pytest.raises(ValueError, match="does not match the configured architecture"):
+        EvaluateStage().run(_context(tmp_path, config))
+
+
+def test_vfm_eval_on_an_hf_dinov3_folder(tmp_path, capsys):
+    folder = tiny_hf_folder(tmp_path / "hf")
+    sets = [f"evaluate.{k}={v}" for k, v in TINY.items() if k != "datasets"]
+    argv = ["eval", "--checkpoint", str(folder), "--dataset", "builtin:lfw", "--out", str(tmp_path / "out")]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "| dataset | metric | trained | random init | raw pixels | gain |" in out
+    assert "| builtin:lfw | knn_k20_top1 |" in out
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_vfm_eval_bad_dataset_is_one_line(tmp_path, capsys):
+    folder = tiny_hf_folder(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(folder), "--dataset", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"vfm: error: dataset {tmp_path / 'nope'}: no such folder"
+    assert not out.exists()  # nothing half-written
