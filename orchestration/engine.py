@@ -157,7 +157,7 @@ class Engine:
                 self.tracking.set_status(parent, "partial")
             return result
         finally:
-            stop_ray(started if started["local"] else None)
+            stop_ray(started)
 
     def _open_run(self, run: dict[str, Any] | None, force: bool) -> dict[str, Any]:
         if run is None or (force and run.get("config_name") != self.config.name):

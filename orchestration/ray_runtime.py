@@ -44,21 +44,23 @@ def ray_temp_dir(cache_dir: str | Path) -> str:
 
 def start_ray(address: str | None, *, num_cpus: int | None, num_gpus: int | None, dashboard: bool,
               object_store_memory_gb: float | None, cache_dir: str | Path) -> dict[str, Any]:
-    """Start or join Ray; returns {"address", "local": bool}. Ray already up in this process is reused."""
+    """Start or join Ray; returns {"address", "started": whether this call started or joined it}.
+    A Ray already initialised in this process (a test session, a notebook) is reused and left running."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or address
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
-        return {"address": address or "local", "local": address is None}
+        return {"address": address or "local", "started": False}
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True, logging_level="WARNING")
         except Exception as exc:
             raise RayError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
-        return {"address": address, "local": False}
+        return {"address": address, "started": True}
     kwargs: dict[str, Any] = {}
     if object_store_memory_gb:
         kwargs["object_store_memory"] = int(object_store_memory_gb * 2**30)
@@ -72,13 +74,14 @@ def start_ray(address: str | None, *, num_cpus: int | None, num_gpus: int | None
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=ray_temp_dir(cache_dir),
              logging_level="WARNING", configure_logging=True, **kwargs)
-    return {"address": "local", "local": True}
+    return {"address": "local", "started": True}
 
 
-def stop_ray(started: dict[str, Any] | None) -> None:
+def stop_ray(started: dict[str, Any]) -> None:
+    """Shut down (or leave) the Ray that start_ray started (or joined); one it merely reused stays."""
     import ray
 
-    if started is not None and ray.is_initialized():
+    if started["started"] and ray.is_initialized():
         ray.shutdown()
 
 
