@@ -12,9 +12,10 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from data_curation.storage import Storage
 from orchestration.ray_runtime import check_resources, start_ray, stop_ray

@@ -62,9 +62,8 @@ def _engine(config, run_dir: str):
 
 def _saved_config(run_dir: str, sets: list[str]):
     """The config a run directory was made with, plus --set overrides (for secrets, say)."""
-    from pipeline.config.root import load_saved_config
     from pipeline.config.load import apply_override, parse_override, validate
-    from pipeline.config.root import Config
+    from pipeline.config.root import Config, load_saved_config
 
     storage = _storage_from_sets(sets)
     path = storage.join(run_dir, "config.yaml")

@@ -1,7 +1,7 @@
 """`vfm export`: the trained teacher backbone of a run (train/export/, vfm format) in another layout."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from data_curation.storage import Storage
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 
 from data_curation.storage import Storage
 from orchestration.stage import StageContext
@@ -34,12 +32,10 @@ class MemoryTracker:
         self.tags.update(tags)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vfmray", dir="/tmp"),
-             logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def local_ray(ray_session):
+    """The session's one local Ray (tests/conftest.py)."""
+    return ray_session
 
 
 def _context(run_dir: Path, config: Config) -> StageContext:

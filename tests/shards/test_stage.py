@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 
 from data_curation.shards.reader import ShardDataset
 from data_curation.shards.verify import verify_shards
@@ -31,13 +28,10 @@ class MemoryTracker:
         self.tags.update(tags)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    temp_dir = tempfile.mkdtemp(prefix="vfmray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+@pytest.fixture(autouse=True)
+def local_ray(ray_session):
+    """The session's one local Ray (tests/conftest.py)."""
+    return ray_session
 
 
 def _context(run_dir: Path, curate_dir: str, section: ShardConfig) -> StageContext:
