@@ -1,0 +1,113 @@
+"""Embeddings in chunks: written one finished chunk at a time, memory-mapped when read.
+
+Chunk ``i`` covers listing rows ``[i * chunk_size, (i + 1) * chunk_size)`` and is three
+files under the store's folder (a URI, local or s3://):
+
+- ``chunk-000007.embedding.npy``: (n_accepted, dim) float32, the accepted rows in order
+- ``chunk-000007.copy.npy``: (n_accepted, copy_dim) float32, copy-detection descriptors
+- ``chunk-000007.parquet``: one row per listed URI (rejected too), written LAST, so its
+  presence means the chunk is complete and a resumed run skips it.
+
+Reading maps the .npy files (copied to a local cache first when the store is on S3), so
+only what a step touches is paged in.
+"""
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_curation.storage import Storage
+
+_CHUNK_RE = re.compile(r"chunk-(\d{6})\.parquet$")
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}"
+
+
+def _strings(values) -> pa.Array:
+    """A string column; "" (scan's "not applicable") becomes null."""
+    return pa.array([str(v) or None for v in values], pa.string())
+
+
+def meta_table(rows: dict[str, np.ndarray]) -> pa.Table:
+    """The Parquet metadata of a chunk (uri, id, sha256, width, height, reject_reason);
+    width/height null when unknown."""
+    width = np.asarray(rows["width"], dtype=np.int32)
+    height = np.asarray(rows["height"], dtype=np.int32)
+    return pa.table({
+        "uri": _strings(rows["uri"]),
+        "id": _strings(rows["id"]),
+        "sha256": _strings(rows["sha256"]),
+        "width": pa.array(width, pa.int32(), mask=width < 0),
+        "height": pa.array(height, pa.int32(), mask=height < 0),
+        "reject_reason": _strings(rows["reject_reason"]),
+    })
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
+    return buf.getvalue()
+
+
+@dataclass
+class Chunk:
+    index: int
+    meta: pa.Table  # one row per listed URI
+    embedding: np.ndarray  # (n_accepted, dim), memory-mapped
+    copy: np.ndarray  # (n_accepted, copy_dim), memory-mapped
+
+
+class ChunkStore:
+    """The chunk folder ``root`` (URI); ``cache_dir`` holds local copies of remote chunks."""
+
+    def __init__(self, root: str, storage: Storage | None = None, cache_dir: str | Path | None = None):
+        self.root = root
+        self.storage = storage or Storage()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+
+    def done(self) -> set[int]:
+        """Indices of complete chunks."""
+        found = set()
+        for uri in self.storage.ls(self.root):
+            match = _CHUNK_RE.search(uri)
+            if match:
+                found.add(int(match.group(1)))
+        return found
+
+    def write(self, index: int, rows: dict[str, np.ndarray]) -> None:
+        """Write one finished chunk from the columns of ``scan.embed_rows``."""
+        accepted = np.asarray(rows["accepted"], dtype=bool)
+        base = Storage.join(self.root, chunk_name(index))
+        self.storage.write_bytes(f"{base}.embedding.npy", _npy_bytes(np.asarray(rows["embedding"])[accepted]))
+        self.storage.write_bytes(f"{base}.copy.npy", _npy_bytes(np.asarray(rows["copy"])[accepted]))
+        buf = io.BytesIO()
+        pq.write_table(meta_table(rows), buf)
+        self.storage.write_bytes(f"{base}.parquet", buf.getvalue())
+
+    def _local(self, uri: str) -> str:
+        if not Storage.is_remote(uri):
+            return uri
+        if self.cache_dir is None:
+            raise ValueError(f"a local cache_dir is needed to memory-map {uri}")
+        local = self.cache_dir / Path(uri).name
+        if not local.exists():
+            self.storage.get_file(uri, local)
+        return str(local)
+
+    def read(self, index: int) -> Chunk:
+        base = Storage.join(self.root, chunk_name(index))
+        meta = pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet")))
+        embedding = np.load(self._local(f"{base}.embedding.npy"), mmap_mode="r")
+        copy = np.load(self._local(f"{base}.copy.npy"), mmap_mode="r")
+        return Chunk(index, meta, embedding, copy)
+
+    def read_all(self, indices: list[int]) -> list[Chunk]:
+        return [self.read(i) for i in sorted(indices)]

@@ -1,0 +1,186 @@
+"""Image sources: stream the URIs of a raw pool and read their bytes.
+
+A source is one URI string:
+
+- a folder or an s3:// prefix: every file below it, recursively. Files with an image
+  extension are taken as they are (a non-image among them is rejected later by decoding,
+  with a reason); files without one are sniffed (first bytes) when ``sniff`` is on.
+  ``.tar`` files found there are WebDataset shards and are expanded into their members.
+- a ``.parquet`` or ``.csv`` file: a list of URIs in column ``uri_column``; relative
+  entries are taken relative to the list's folder.
+- a ``.tar`` file: a WebDataset shard; its image members are the items.
+
+Listing is a generator: nothing holds the whole pool's names at once. A tar member's URI
+is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads members of the
+same tar from one open handle.
+"""
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+from data_curation.storage import Storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+# Leading bytes of the formats Pillow reads that we accept without an extension.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_SNIFF_BYTES = 16
+
+
+class SourceError(ValueError):
+    """A source URI that cannot be listed; the message names it."""
+
+
+def has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def looks_like_image(head: bytes) -> bool:
+    """True when ``head`` (a file's first bytes) starts like an image Pillow reads."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head.startswith(_MAGIC)
+
+
+def tar_member_uri(tar_uri: str, member: str) -> str:
+    return f"tar://{member}::{tar_uri}"
+
+
+def split_tar_member_uri(uri: str) -> tuple[str, str] | None:
+    """(tar URI, member name) for a tar member URI, else None."""
+    if not uri.startswith("tar://") or "::" not in uri:
+        return None
+    member, tar_uri = uri[len("tar://"):].split("::", 1)
+    return tar_uri, member
+
+
+def iter_source(source: str, storage: Storage | None = None, *, sniff: bool = True,
+                uri_column: str = "uri") -> Iterator[str]:
+    """Yield the image URIs of one source, in a stable order (sorted per folder)."""
+    storage = storage or Storage()
+    lower = source.lower()
+    if lower.endswith(".parquet") or lower.endswith(".csv"):
+        if not storage.exists(source):
+            raise SourceError(f"source list {source} does not exist")
+        yield from _iter_uri_list(source, storage, uri_column)
+    elif lower.endswith(".tar"):
+        if not storage.exists(source):
+            raise SourceError(f"source tar {source} does not exist")
+        yield from _iter_tar(source, storage)
+    else:
+        if not storage.isdir(source):
+            raise SourceError(f"source {source} is neither a folder, a .tar, nor a .parquet/.csv list of URIs")
+        yield from _iter_folder(source, storage, sniff)
+
+
+def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
+                 uri_column: str = "uri") -> Iterator[str]:
+    storage = storage or Storage()
+    for source in sources:
+        yield from iter_source(source, storage, sniff=sniff, uri_column=uri_column)
+
+
+def _iter_folder(root: str, storage: Storage, sniff: bool) -> Iterator[str]:
+    for uri in storage.walk_files(root):
+        name = posixpath.basename(uri)
+        if name.startswith("."):
+            continue
+        if name.lower().endswith(".tar"):
+            yield from _iter_tar(uri, storage)
+        elif has_image_extension(name):
+            yield uri
+        elif sniff and _sniff(uri, storage):
+            yield uri
+
+
+def _sniff(uri: str, storage: Storage) -> bool:
+    try:
+        with storage.open(uri, "rb") as f:
+            return looks_like_image(f.read(_SNIFF_BYTES))
+    except OSError:
+        return False  # unreadable and nameless: not recognisably an image, so not listed
+
+
+def _iter_tar(tar_uri: str, storage: Storage) -> Iterator[str]:
+    with storage.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and has_image_extension(member.name):
+                yield tar_member_uri(tar_uri, member.name)
+
+
+def _iter_uri_list(list_uri: str, storage: Storage, column: str) -> Iterator[str]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    base = list_uri.rsplit("/", 1)[0] if "/" in list_uri else "."
+    with storage.open(list_uri, "rb") as f:
+        if list_uri.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            if column not in pf.schema_arrow.names:
+                raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {pf.schema_arrow.names})")
+            batches = pf.iter_batches(columns=[column], batch_size=65536)
+        else:
+            reader = pacsv.open_csv(f)
+            if column not in reader.schema.names:
+                raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {reader.schema.names})")
+            batches = reader
+        for batch in batches:
+            for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+                if value:
+                    yield _resolve(base, str(value))
+
+
+def _resolve(base: str, uri: str) -> str:
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return Storage.join(base, uri)
+
+
+def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | Exception]:
+    """The bytes of each URI, or the exception that reading it raised (never raises itself).
+
+    Members of the same tar are read in one pass over that tar.
+    """
+    storage = storage or Storage()
+    out: list[bytes | Exception] = [OSError("not read")] * len(uris)
+    by_tar: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, uri in enumerate(uris):
+        parts = split_tar_member_uri(uri)
+        if parts is None:
+            try:
+                out[i] = storage.read_bytes(uri)
+            except Exception as exc:  # a missing or unreadable file is a reject, not a crash
+                out[i] = exc
+        else:
+            by_tar[parts[0]][parts[1]].append(i)
+    for tar_uri, members in by_tar.items():
+        _read_tar_members(tar_uri, members, storage, out)
+    return out
+
+
+def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Storage,
+                      out: list[bytes | Exception]) -> None:
+    missing = set(members)
+    try:
+        with storage.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.name in missing:
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    for i in members[member.name]:
+                        out[i] = data
+                    missing.discard(member.name)
+                    if not missing:
+                        break
+    except Exception as exc:  # a broken tar rejects the members not yet read
+        for name in missing:
+            for i in members[name]:
+                out[i] = exc
+        return
+    for name in missing:
+        for i in members[name]:
+            out[i] = FileNotFoundError(f"{name} not in {tar_uri}")

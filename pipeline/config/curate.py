@@ -1,0 +1,95 @@
+"""The ``curate`` section: sources, decoding limits, embedding, dedup, clustering, sampling."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.config.base import Section
+
+
+class DecodeConfig(Section):
+    max_pixels: int = Field(50_000_000, gt=0, description="Reject images with more pixels than this "
+                            "(decompression bombs); checked from the header before decoding.")
+    min_side: int = Field(8, ge=1, description="Reject images whose shorter side is below this.")
+    max_aspect: float = Field(10.0, ge=1.0, description="Reject images whose long/short side ratio is above this.")
+
+
+class EmbedConfig(Section):
+    embedder: str = Field("builtin", description="'builtin' (HOG-like descriptor, no weights), "
+                          "'arch:NAME' (a randomly initialised models/ backbone, for tests), or a path to a "
+                          "vfm export, an HF DINOv3 folder or an official DINOv3 checkpoint.")
+    image_size: int = Field(224, ge=16, description="Input side for backbone embedders (a multiple of the "
+                            "patch size); the built-in embedder always uses 32.")
+    batch_size: int = Field(256, ge=1, description="Images per embedding batch.")
+    chunk_size: int = Field(2048, ge=1, description="Images per embedding chunk: the unit of resume.")
+    actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves (also its torch "
+                                  "threads); leave at least one CPU of the cluster free for the listing-read tasks.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves; 0 on CPU clusters.")
+
+
+class DedupConfig(Section):
+    descriptor: Literal["copy", "embedding"] = Field("copy", description="What near duplicates are compared "
+                                                    "on: the built-in copy-detection descriptor or the embedding.")
+    threshold: float = Field(0.99, gt=0, le=1, description="Cosine similarity above which two images are near "
+                             "duplicates.")
+    k: int = Field(16, ge=1, description="Neighbours searched per image.")
+
+
+class LevelConfig(Section):
+    k: int = Field(..., ge=1, description="Clusters at this level.")
+    resampling_steps: int = Field(3, ge=0, description="Resampling steps at this level (Vo et al.).")
+
+
+class ClusterConfig(Section):
+    levels: list[LevelConfig] = Field(
+        default_factory=lambda: [LevelConfig(k=64, resampling_steps=5), LevelConfig(k=32, resampling_steps=5),
+                                 LevelConfig(k=16, resampling_steps=5), LevelConfig(k=8, resampling_steps=5)],
+        description="Hierarchy levels, bottom (level 1, clusters the images) to top.")
+    iterations: int = Field(10, ge=1, description="Lloyd iterations of each level's first k-means.")
+    resample_iterations: int = Field(2, ge=1, description="Lloyd iterations of each resampling step.")
+    max_points_per_centroid: int = Field(256, ge=1, description="Level 1 trains on at most this many points "
+                                         "per centroid, drawn uniformly; every point is then assigned.")
+    init_points_per_centroid: int = Field(8, ge=1, description="k-means++ seeds from this many points per centroid.")
+
+    @field_validator("levels")
+    @classmethod
+    def _at_least_one_level(cls, levels: list[LevelConfig]) -> list[LevelConfig]:
+        if not levels:
+            raise ValueError("curate.cluster.levels needs at least one level")
+        return levels
+
+
+class SampleConfig(Section):
+    target: float = Field(0.2, gt=0, description="Images to select: a count (>= 1) or a fraction (< 1) of "
+                          "the deduplicated pool.")
+    leaf_pick: Literal["random", "closest"] = Field("random", description="How a level-1 cluster gives its "
+                                                    "share: random images or those closest to its centroid.")
+    weighting: Literal["equal", "leaves"] = Field("equal", description="'equal': Vo et al.'s cap rule, every "
+                                                  "child of a node has the same cap; 'leaves': caps scale with "
+                                                  "the number of level-1 clusters below each child (measured "
+                                                  "worse on the demo pool, see bench/curation_quality.py).")
+
+
+class RetrievalConfig(Section):
+    seeds: list[str] = Field(default_factory=list, description="Sources of seed images (folders, s3:// "
+                             "prefixes, URI lists, tars); their k nearest pool images are added.")
+    k: int = Field(8, ge=1, description="Pool images added per seed image.")
+
+
+class CurateConfig(Section):
+    sources: list[str] = Field(default_factory=lambda: ["demo:"], description="Image sources: folders, "
+                               "s3:// prefixes, .parquet/.csv lists of URIs, WebDataset .tar files; 'demo:' "
+                               "generates the demo pool (MNIST/LFW/photos, Zipf-skewed, with duplicates).")
+    demo_dir: str | None = Field(None, description="Where 'demo:' writes its pool (local); default: "
+                                 "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool for remote runs.")
+    sniff: bool = Field(True, description="List files without an image extension when their first bytes "
+                        "look like an image.")
+    uri_column: str = Field("uri", description="The column holding URIs in .parquet/.csv source lists.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)

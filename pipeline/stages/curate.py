@@ -1,0 +1,239 @@
+"""The curate stage: raw image pool -> curate/manifest.parquet, stats.json and plots.
+
+Steps, each a data_curation call: list the sources into chunks (work folder) -> decode
+and embed the chunks on Ray Data (work folder, one finished chunk at a time, so a killed
+run resumes with the chunks it had) -> exact + near dedup -> balanced hierarchical
+k-means (level-1 assignment on Ray Data) -> balanced sampling -> retrieval picks around
+seed images -> manifest, stats, plots. Only the chunks are kept between attempts: the
+later steps are deterministic under the run seed and cheap beside embedding.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_curation.decode import REJECT_REASONS, DecodeLimits
+from data_curation.dedup import deduplicate
+from data_curation.demo_pool import DemoPoolSpec, make_demo_pool, read_labels
+from data_curation.embedders import build_embedder, build_preparer
+from data_curation.embedding_store import Chunk, ChunkStore
+from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
+from data_curation.manifest import build_manifest, normalized_entropy
+from data_curation.plots import plot_class_histogram, plot_cluster_sizes
+from data_curation.retrieval import retrieval_picks
+from data_curation.sampling import balanced_sample, resolve_target
+from data_curation.scan import prepared_shape, scan_uris
+from data_curation.sources import iter_sources
+from data_curation.storage import Storage
+from orchestration.stage import Resources, Stage, StageContext
+from pipeline.stages.curate_ray import assign_chunks, embed_chunks
+
+MANIFEST_FILE = "manifest.parquet"
+DEMO_SOURCE = "demo:"
+_LISTING_DONE = "_DONE.json"
+
+
+def kmeans_params(cfg, seed: int) -> KMeansParams:
+    return KMeansParams(levels=tuple(LevelSpec(level.k, level.resampling_steps) for level in cfg.levels),
+                        iterations=cfg.iterations, resample_iterations=cfg.resample_iterations,
+                        max_points_per_centroid=cfg.max_points_per_centroid,
+                        init_points_per_centroid=cfg.init_points_per_centroid, seed=seed)
+
+
+def demo_pool_dir(ctx: StageContext) -> Path:
+    if ctx.section.demo_dir:
+        return Path(ctx.section.demo_dir)
+    if not Storage.is_remote(ctx.dir):
+        return Path(ctx.dir) / "demo_pool"
+    return Path.home() / ".cache" / "vfm" / "demo_pool"
+
+
+def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
+                  uri_column: str) -> dict[int, int]:
+    """Stream the sources into listing chunks (Parquet: chunk, row, uri) under ``root``;
+    reuses a finished listing. Returns rows per chunk."""
+    done_uri = Storage.join(root, _LISTING_DONE)
+    if storage.exists(done_uri):
+        return {int(k): int(v) for k, v in storage.read_json(done_uri)["rows"].items()}
+    rows: dict[int, int] = {}
+    batch: list[str] = []
+
+    def flush() -> None:
+        index = len(rows)
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
+                                 "row": pa.array(np.arange(len(batch)), pa.int64()),
+                                 "uri": pa.array(batch, pa.string())}), buf)
+        storage.write_bytes(Storage.join(root, f"chunk-{index:06d}.parquet"), buf.getvalue())
+        rows[index] = len(batch)
+        batch.clear()
+
+    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column):
+        batch.append(uri)
+        if len(batch) == chunk_size:
+            flush()
+    if batch:
+        flush()
+    storage.write_json(done_uri, {"rows": rows})
+    return rows
+
+
+class CurateStage(Stage):
+    name = "curate"
+    format_version = 1
+
+    def resources(self, config) -> Resources:
+        embed = config.curate.embed
+        return Resources(cpus=embed.cpus_per_actor, gpus=embed.gpus_per_actor)
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
+        demo = DEMO_SOURCE in cfg.sources
+        sources = [s for s in cfg.sources if s != DEMO_SOURCE]
+        if demo:
+            sources.append(str(make_demo_pool(demo_pool_dir(ctx), DemoPoolSpec(seed=seed))))
+        limits = DecodeLimits(cfg.decode.max_pixels, cfg.decode.min_side, cfg.decode.max_aspect)
+
+        listing_root = Storage.join(ctx.work_dir, "listing")
+        rows_per_chunk = write_listing(sources, listing_root, storage, cfg.embed.chunk_size, cfg.sniff,
+                                       cfg.uri_column)
+        store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "embeddings")
+        todo = sorted(set(rows_per_chunk) - store.done())
+        ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed")
+        shape = prepared_shape(build_preparer(cfg.embed.embedder, cfg.embed.image_size))
+        embed_chunks([Storage.join(listing_root, f"chunk-{i:06d}.parquet") for i in todo],
+                     {i: rows_per_chunk[i] for i in todo}, store, limits=limits, embedder=cfg.embed.embedder,
+                     image_size=cfg.embed.image_size, prepared_shape=shape, batch_size=cfg.embed.batch_size,
+                     actors=cfg.embed.actors, cpus_per_actor=cfg.embed.cpus_per_actor,
+                     gpus_per_actor=cfg.embed.gpus_per_actor,
+                     on_chunk=lambda i: ctx.log(f"embedded chunk {i}"))
+
+        chunks = store.read_all(sorted(rows_per_chunk))
+        meta = pa.concat_tables([c.meta for c in chunks]) if chunks else None
+        if meta is None or meta.num_rows == 0:
+            raise ValueError(f"no images found in curate.sources {cfg.sources}")
+        reasons = np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)
+        accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
+        n = meta.num_rows
+
+        dedup = self._dedup(cfg, chunks, meta, accepted_rows)
+        kept_rows = accepted_rows[dedup.kept]
+        ctx.log(f"{len(accepted_rows)} accepted, {len(kept_rows)} after dedup")
+
+        hierarchy, level1, distance = self._cluster(cfg, store, chunks, dedup.kept, seed, ctx)
+        levels = hierarchy.levels_of(level1)  # (n_kept, L)
+        picked = balanced_sample(levels, resolve_target(cfg.sample.target, len(kept_rows)), seed,
+                                 leaf_pick=cfg.sample.leaf_pick, distance=distance,
+                                 weighting=cfg.sample.weighting)
+        selected_by = np.full(n, None, dtype=object)
+        selected_by[kept_rows[picked]] = "balanced"
+        retrieved = self._retrieve(cfg, storage, limits, chunks, dedup.kept)
+        fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
+        selected_by[fresh] = "retrieval"
+
+        dup_group = np.full(n, -1, dtype=np.int64)
+        dup_group[accepted_rows] = dedup.group
+        dup_kept = np.zeros(n, dtype=bool)
+        dup_kept[accepted_rows] = dedup.kept
+        dup_kind = np.full(n, None, dtype=object)
+        dup_kind[accepted_rows] = dedup.kind
+        clusters = np.full((n, hierarchy.n_levels), -1, dtype=np.int64)
+        clusters[kept_rows] = levels
+        manifest = build_manifest(meta, dup_group, dup_kept, dup_kind, clusters, selected_by)
+        buf = io.BytesIO()
+        pq.write_table(manifest, buf)
+        storage.write_bytes(Storage.join(ctx.dir, MANIFEST_FILE), buf.getvalue())
+        self._save_hierarchy(ctx, hierarchy)
+
+        in_selection = np.isin(kept_rows, np.flatnonzero(selected_by != None))  # noqa: E711
+        top = levels[:, -1]
+        metrics: dict[str, float] = {
+            "inputs": float(n), "accepted": float(len(accepted_rows)), "rejected": float(n - len(accepted_rows)),
+            "duplicates": float((~dedup.kept).sum()), "duplicates_exact": float(dedup.n_exact),
+            "duplicates_near": float(dedup.n_near), "kept_after_dedup": float(len(kept_rows)),
+            "selected": float((selected_by != None).sum()),  # noqa: E711
+            "selected_balanced": float((selected_by == "balanced").sum()),
+            "selected_retrieval": float((selected_by == "retrieval").sum()),
+            "balance_before": normalized_entropy(top, len(np.unique(top))),
+            "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
+        }
+        for reason in REJECT_REASONS:
+            metrics[f"rejected_{reason}"] = float((reasons == reason).sum())
+        for level in range(hierarchy.n_levels):
+            metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
+        plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
+        if demo:
+            plots.append(self._class_plot(ctx, manifest, metrics))
+        for path in plots:
+            storage.put_file(path, Storage.join(ctx.dir, "plots", path.name))
+            ctx.tracker.log_artifact(path, "plots")
+        storage.write_json(Storage.join(ctx.dir, "stats.json"), metrics)
+        ctx.log(f"selected {int(metrics['selected'])} of {n}; balance of top clusters "
+                f"{metrics['balance_before']:.3f} -> {metrics['balance_after']:.3f}")
+        return metrics
+
+    @staticmethod
+    def _dedup(cfg, chunks: list[Chunk], meta: pa.Table, accepted_rows: np.ndarray):
+        key = "copy" if cfg.dedup.descriptor == "copy" else "embedding"
+        vectors = np.concatenate([np.asarray(getattr(c, key)) for c in chunks])  # what faiss needs, nothing more
+        sha = np.asarray(meta.column("sha256").to_pylist(), dtype=object)[accepted_rows]
+        return deduplicate(sha, vectors, cfg.dedup.threshold, cfg.dedup.k)
+
+    @staticmethod
+    def _cluster(cfg, store: ChunkStore, chunks: list[Chunk], kept: np.ndarray, seed: int,
+                 ctx: StageContext) -> tuple[Hierarchy, np.ndarray, np.ndarray]:
+        """Fit on a sample of the kept rows, then assign all kept rows chunk by chunk on Ray."""
+        params = kmeans_params(cfg.cluster, seed)
+        offsets = np.cumsum([0] + [len(c.embedding) for c in chunks])
+        kept_rows = np.flatnonzero(kept)  # positions among accepted rows
+        train_rows = kept_rows[training_rows(len(kept_rows), params)]
+        owner = np.searchsorted(offsets, train_rows, side="right") - 1
+        train = np.concatenate([np.asarray(c.embedding[train_rows[owner == o] - offsets[o]])
+                                for o, c in enumerate(chunks)])  # (n_train, D), only the sample in RAM
+        hierarchy = fit_hierarchy(train, params)
+        ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}")
+        assigned = assign_chunks(store, [c.index for c in chunks], hierarchy.centroids[0], ctx.cache_dir / "assign")
+        labels = np.concatenate([assigned[c.index][0] for c in chunks])[kept]
+        distance = np.concatenate([assigned[c.index][1] for c in chunks])[kept]
+        return hierarchy, labels, distance
+
+    @staticmethod
+    def _retrieve(cfg, storage: Storage, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray) -> np.ndarray:
+        """Positions among kept rows of the k nearest pool images of each seed image."""
+        if not cfg.retrieval.seeds:
+            return np.zeros(0, dtype=np.int64)
+        embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
+        seeds = scan_uris(list(iter_sources(cfg.retrieval.seeds, storage, sniff=cfg.sniff,
+                                            uri_column=cfg.uri_column)), embedder, limits, storage)
+        pool = np.concatenate([np.asarray(c.embedding) for c in chunks])[kept]
+        return retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
+
+    @staticmethod
+    def _save_hierarchy(ctx: StageContext, hierarchy: Hierarchy) -> None:
+        for level, centroids in enumerate(hierarchy.centroids, start=1):
+            buf = io.BytesIO()
+            np.save(buf, centroids)
+            ctx.storage.write_bytes(Storage.join(ctx.dir, "clusters", f"centroids_l{level}.npy"), buf.getvalue())
+        for level, parent in enumerate(hierarchy.parents, start=1):
+            buf = io.BytesIO()
+            np.save(buf, parent)
+            ctx.storage.write_bytes(Storage.join(ctx.dir, "clusters", f"parent_l{level}.npy"), buf.getvalue())
+
+    def _class_plot(self, ctx: StageContext, manifest: pa.Table, metrics: dict[str, float]) -> Path:
+        """Hidden-class balance of the demo pool, before (accepted) and after (selected)."""
+        labels = read_labels(demo_pool_dir(ctx)).to_pydict()
+        class_of = {os.path.abspath(u): c for u, c in zip(labels["uri"], labels["class"]) if c}
+        uris = [os.path.abspath(u) for u in manifest.column("uri").to_pylist()]
+        accepted = [r is None for r in manifest.column("reject_reason").to_pylist()]
+        selected = manifest.column("selected").to_pylist()
+        before = [class_of[u] for u, a in zip(uris, accepted) if a and u in class_of]
+        after = [class_of[u] for u, s in zip(uris, selected) if s and u in class_of]
+        n_classes = len(set(class_of.values()))
+        metrics["class_balance_before"] = normalized_entropy(np.asarray(before), n_classes)
+        metrics["class_balance_after"] = normalized_entropy(np.asarray(after), n_classes)
+        return plot_class_histogram(before, after, ctx.cache_dir / "plots" / "class_histogram.png")

@@ -1,0 +1,138 @@
+"""Ray Data glue of the curate stage: the embedding pass and the k-means assignment pass.
+
+Embedding: the listing (Parquet, one file per chunk) -> decode tasks (read, hash, decode,
+resize; CPU) -> an actor pool of frozen embedders (GPU actors when asked for) -> the
+driver, which writes each chunk as soon as all of its rows are back. A killed run loses
+at most the chunks in flight.
+
+Assignment: one task per embedding chunk maps the chunk (memory-mapped) and assigns its
+rows to the level-1 centroids, which are put in the object store once and shared.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from data_curation.decode import DecodeLimits
+from data_curation.embedders import build_embedder, build_preparer
+from data_curation.embedding_store import ChunkStore
+from data_curation.hkmeans import assign
+from data_curation.scan import decode_rows, embed_rows
+from data_curation.storage import Storage
+
+
+def _quiet_data_context() -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.verbose_progress = False
+
+
+def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: DecodeLimits, embedder: str,
+                  image_size: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    rows = decode_rows([str(u) for u in batch["uri"]], Storage(storage_options), limits,
+                       build_preparer(embedder, image_size), shape)
+    rows["chunk"] = np.asarray(batch["chunk"], dtype=np.int64)
+    rows["row"] = np.asarray(batch["row"], dtype=np.int64)
+    return rows
+
+
+class EmbedActor:
+    """Holds one frozen embedder for the actor's lifetime (the model loads once)."""
+
+    def __init__(self, embedder: str, image_size: int, torch_threads: int):
+        if embedder != "builtin":  # the built-in embedder is numpy only; importing torch costs seconds
+            import torch
+
+            torch.set_num_threads(max(1, torch_threads))
+        self.embedder = build_embedder(embedder, image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return embed_rows(batch, self.embedder)
+
+
+def _listing_dataset(listing_uris: list[str], storage: Storage) -> ray.data.Dataset:
+    if Storage.is_remote(listing_uris[0]):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, _ = storage.fs(listing_uris[0])
+        paths = [storage.fs(u)[1] for u in listing_uris]
+        return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    return ray.data.read_parquet(listing_uris)
+
+
+def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: ChunkStore, *, limits: DecodeLimits,
+                 embedder: str, image_size: int, prepared_shape: tuple[int, ...], batch_size: int, actors: int,
+                 cpus_per_actor: float, gpus_per_actor: float,
+                 on_chunk: Callable[[int], None] = lambda index: None) -> None:
+    """Decode and embed the rows of ``listing_uris`` (Parquet: chunk, row, uri) and write
+    each chunk to ``store`` once complete; ``expected_rows[chunk]`` says when it is."""
+    if not listing_uris:
+        return
+    _quiet_data_context()
+    storage = store.storage
+    ds = _listing_dataset(listing_uris, storage)
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"storage_options": storage.s3, "limits": limits, "embedder": embedder,
+                                   "image_size": image_size, "shape": prepared_shape})
+    ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                        num_gpus=gpus_per_actor or None,
+                        fn_constructor_kwargs={"embedder": embedder, "image_size": image_size,
+                                               "torch_threads": int(max(1, cpus_per_actor))})
+    pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+    received: dict[int, int] = defaultdict(int)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        chunks = np.asarray(batch["chunk"], dtype=np.int64)
+        for index in np.unique(chunks):
+            part = {k: np.asarray(v)[chunks == index] for k, v in batch.items()}
+            pending[int(index)].append(part)
+            received[int(index)] += int((chunks == index).sum())
+            if received[int(index)] == expected_rows[int(index)]:
+                parts = pending.pop(int(index))
+                rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                order = np.argsort(rows["row"], kind="stable")
+                store.write(int(index), {k: v[order] for k, v in rows.items()})
+                on_chunk(int(index))
+
+
+def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options: dict, cache_dir: str,
+                  centroids_ref: list) -> dict[str, np.ndarray]:
+    centroids = ray.get(centroids_ref[0])  # wrapped in a list so Ray passes the reference, not the value
+    store = ChunkStore(store_root, Storage(storage_options), cache_dir)
+    out: dict[str, list[np.ndarray]] = {"chunk": [], "position": [], "label": [], "distance": []}
+    for index in np.asarray(batch["chunk"], dtype=np.int64):
+        embedding = store.read(int(index)).embedding
+        labels, dist = assign(embedding, centroids)
+        out["chunk"].append(np.full(len(labels), index, dtype=np.int64))
+        out["position"].append(np.arange(len(labels), dtype=np.int64))
+        out["label"].append(labels)
+        out["distance"].append(dist)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def assign_chunks(store: ChunkStore, chunk_indices: list[int], centroids: np.ndarray,
+                  cache_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Level-1 (labels, squared distances) of every accepted row of each chunk."""
+    _quiet_data_context()
+    ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
+    ds = ray.data.from_items([{"chunk": int(i)} for i in chunk_indices])
+    ds = ds.map_batches(_assign_batch, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"store_root": store.root, "storage_options": store.storage.s3,
+                                   "cache_dir": str(cache_dir), "centroids_ref": [ref]})
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for index in np.unique(batch["chunk"]):
+            sel = batch["chunk"] == index
+            parts[int(index)].append((batch["position"][sel], batch["label"][sel], batch["distance"][sel]))
+    result = {}
+    for index in chunk_indices:
+        pos = np.concatenate([p[0] for p in parts.get(index, [])] or [np.zeros(0, np.int64)])
+        order = np.argsort(pos, kind="stable")
+        labels = np.concatenate([p[1] for p in parts.get(index, [])] or [np.zeros(0, np.int64)])[order]
+        dist = np.concatenate([p[2] for p in parts.get(index, [])] or [np.zeros(0, np.float32)])[order]
+        result[index] = (labels.astype(np.int64), dist.astype(np.float32))
+    return result

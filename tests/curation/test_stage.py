@@ -1,0 +1,140 @@
+"""The curate stage on a real local Ray: mixed bad pool, manifest schema, resume after a kill."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_curation.builtin import load_builtin
+from data_curation.storage import Storage
+from orchestration.stage import StageContext
+from pipeline.config.core import RunConfig
+from pipeline.config.curate import CurateConfig
+from pipeline.stages.curate import CurateStage
+from tests.curation.images import bad_files, encode, odd_files
+
+
+class MemoryTracker:
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+        self.tags: dict[str, str] = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_artifact(self, local_path, artifact_path=None):
+        assert Path(local_path).exists()
+        self.artifacts.append((Path(local_path).name, artifact_path))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+class KilledAfterFirstChunk(StageContext):
+    def log(self, message: str) -> None:
+        super().log(message)
+        if message.startswith("embedded chunk"):
+            raise KeyboardInterrupt  # what a kill between two chunks looks like to the stage
+
+
+def _context(root: Path, section: CurateConfig, cls=StageContext) -> StageContext:
+    config = SimpleNamespace(run=RunConfig(seed=0), curate=section)
+    return cls(name="curate", config=config, section=section, run_dir=str(root), dir=str(root / "curate"),
+               work_dir=str(root / "curate" / "_work"), cache_dir=root / "cache", storage=Storage(),
+               tracker=MemoryTracker())
+
+
+@pytest.fixture(scope="module")
+def mixed_pool(tmp_path_factory) -> Path:
+    """40 digits, an exact copy, every bad kind, every odd kind; 2 seed images apart."""
+    root = tmp_path_factory.mktemp("pool")
+    pool = root / "pool"
+    (pool / "sub").mkdir(parents=True)
+    digits = load_builtin("digits")
+    for i in range(40):
+        big = np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))  # 24x24
+        (pool / ("sub" if i % 2 else "") / f"d{i:02d}.png").write_bytes(encode(Image.fromarray(big), "PNG"))
+    (pool / "copy-of-d00.png").write_bytes((pool / "d00.png").read_bytes())
+    for reason, (ext, data) in bad_files().items():
+        (pool / f"bad-{reason}.{ext}").write_bytes(data)
+    for kind, (ext, data) in odd_files().items():
+        (pool / f"odd-{kind}.{ext}").write_bytes(data)
+    seeds = root / "seeds"
+    seeds.mkdir()
+    for i in (40, 41):
+        big = np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))
+        (seeds / f"s{i}.png").write_bytes(encode(Image.fromarray(big), "PNG"))
+    return root
+
+
+def _section(root: Path) -> CurateConfig:
+    return CurateConfig.model_validate({
+        "sources": [str(root / "pool")],
+        "decode": {"max_pixels": 5_000_000},
+        "embed": {"chunk_size": 16, "batch_size": 8},
+        "cluster": {"levels": [{"k": 6, "resampling_steps": 1}, {"k": 2, "resampling_steps": 1}]},
+        "sample": {"target": 0.5},
+        "retrieval": {"seeds": [str(root / "seeds")], "k": 2},
+    })
+
+
+def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixed_pool, tmp_path):
+    ctx = _context(tmp_path, _section(mixed_pool))
+    metrics = CurateStage().run(ctx)
+    manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet").to_pandas()
+    n_bad, n_odd = len(bad_files()), len(odd_files())
+    assert len(manifest) == metrics["inputs"] == 40 + 1 + n_bad + n_odd
+    for reason in bad_files():
+        rows = manifest[manifest.uri.str.contains(f"bad-{reason}")]
+        assert rows.reject_reason.tolist() == [reason]
+        assert metrics[f"rejected_{reason}"] == 1
+    assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd
+    assert manifest[manifest.uri.str.contains("odd-")].reject_reason.isna().all()
+    assert set(manifest.columns) >= {"id", "uri", "sha256", "width", "height", "reject_reason", "dup_group",
+                                     "dup_kept", "dup_kind", "cluster_l1", "cluster_l2", "selected",
+                                     "selected_by"}
+    copy = manifest[manifest.uri.str.endswith("copy-of-d00.png")].iloc[0]
+    original = manifest[manifest.uri.str.endswith("/d00.png")].iloc[0]
+    assert copy.id == original.id and copy.dup_group == original.dup_group
+    # "copy-of-d00.png" is listed first, so it is the one kept
+    assert [copy.dup_kept, original.dup_kept, original.dup_kind] == [True, False, "exact"]
+    accepted = manifest[manifest.reject_reason.isna()]
+    assert accepted.dup_group.notna().all() and manifest[manifest.reject_reason.notna()].dup_group.isna().all()
+    selected = manifest[manifest.selected]
+    assert selected.dup_kept.all() and selected.cluster_l1.notna().all()
+    assert set(selected.selected_by) <= {"balanced", "retrieval"}
+    assert metrics["selected"] == len(selected) >= round(0.5 * metrics["kept_after_dedup"])
+    assert metrics["selected_balanced"] == round(0.5 * metrics["kept_after_dedup"])
+    for _, row in selected.iterrows():  # the shard stage re-reads the bytes and checks them
+        assert Storage().read_bytes(row.uri) and row.sha256 == row.id
+    assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
+    assert (tmp_path / "curate" / "stats.json").exists()
+
+
+def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):
+    section = _section(mixed_pool)
+    with pytest.raises(KeyboardInterrupt):
+        CurateStage().run(_context(tmp_path, section, KilledAfterFirstChunk))
+    chunks = tmp_path / "curate" / "_work" / "embeddings"
+    finished = sorted(chunks.glob("chunk-*.parquet"))
+    assert len(finished) == 1  # 4 chunks listed, killed after the first finished one
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in chunks.glob(f"{finished[0].stem}*")}
+    metrics = CurateStage().run(_context(tmp_path, section))
+    assert len(list(chunks.glob("chunk-*.parquet"))) == 4
+    assert {p.name: os.stat(p).st_mtime_ns for p in chunks.glob(f"{finished[0].stem}*")} == stamps
+    assert metrics["inputs"] == pq.read_metadata(tmp_path / "curate" / "manifest.parquet").num_rows
+
+
+@pytest.mark.slow
+def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path):
+    ctx = _context(tmp_path, CurateConfig())
+    metrics = CurateStage().run(ctx)
+    assert metrics["rejected"] == 5 and metrics["duplicates"] > 100
+    assert metrics["class_balance_after"] > metrics["class_balance_before"] + 0.1
+    assert ("class_histogram.png", "plots") in ctx.tracker.artifacts
