@@ -40,7 +40,11 @@ class Storage:
 
     # -- filesystems -----------------------------------------------------------------
     def options_for(self, uri: str) -> dict[str, Any]:
-        """fsspec storage_options for ``uri``: the S3 options for s3://, nothing for local."""
+        """fsspec storage_options for ``uri``: the S3 options for s3://, nothing for local; for a chained
+        URI (tar://member::s3://bucket/x.tar) the S3 options go to its s3 link."""
+        if "::" in uri:
+            links = uri.split("::")[1:]
+            return {"s3": self.options_for("s3://")} if any(link.startswith("s3://") for link in links) else {}
         if uri.startswith(("s3://", "s3a://")):
             opts = dict(self.s3)
             region = opts.pop("region", None)

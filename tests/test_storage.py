@@ -1,0 +1,60 @@
+"""The one storage helper, on local disk and on the real S3 server."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from data_curation.storage import Storage, StorageError
+
+
+def _tar_with(name: str, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path):
+    storage = Storage()
+    target = str(tmp_path / "a" / "b.json")
+    storage.write_json(target, {"x": 1})
+    storage.write_json(target, {"x": 2})
+    assert storage.read_json(target) == {"x": 2}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"0" * 10_000)
+    storage.put_file(src, str(tmp_path / "c" / "d.bin"))
+    assert storage.size(str(tmp_path / "c" / "d.bin")) == 10_000
+
+
+def test_listing_and_removal(tmp_path):
+    storage = Storage()
+    for name in ("x/1.txt", "x/y/2.txt", "z.txt"):
+        storage.write_text(str(tmp_path / name), name)
+    assert storage.ls(str(tmp_path / "x")) == [str(tmp_path / "x" / "1.txt"), str(tmp_path / "x" / "y")]
+    assert sorted(storage.walk_files(str(tmp_path))) == sorted(str(tmp_path / n) for n in ("x/1.txt", "x/y/2.txt", "z.txt"))
+    storage.rm(str(tmp_path / "x"), recursive=True)
+    storage.rm(str(tmp_path / "never-was"))
+    assert not storage.exists(str(tmp_path / "x")) and storage.ls(str(tmp_path / "nothing")) == []
+
+
+def test_s3_round_trip_listing_and_tar_members(s3):
+    storage = s3.storage
+    storage.write_json(s3.uri("p/q.json"), {"k": [1, 2]})
+    assert storage.read_json(s3.uri("p/q.json")) == {"k": [1, 2]}
+    assert storage.ls(s3.uri("p")) == [s3.uri("p/q.json")]
+    storage.write_bytes(s3.uri("t/images.tar"), _tar_with("img/0.png", b"PNGDATA"))
+    assert storage.read_bytes(f"tar://img/0.png::{s3.uri('t/images.tar')}") == b"PNGDATA"
+
+
+def test_s3_errors_are_one_line_storage_errors_naming_the_uri(s3):
+    wrong = Storage({**s3.storage_options(), "secret": "wrong"})
+    with pytest.raises(StorageError, match=rf"cannot .* {s3.uri('x.json')}"):
+        wrong.write_json(s3.uri("x.json"), {})
+    down = Storage({**s3.storage_options(), "endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(StorageError, match=r"EndpointConnectionError"):
+        down.exists(s3.uri("x.json"))
