@@ -11,7 +11,13 @@ balanced sampling) in-process on the demo pool and scores it with the hidden lab
 - duplicates: pairs of images in one duplicate group vs. pairs of the same planted
   family (an original and its exact/near copies). Target: recall >= 0.95, precision >= 0.99.
 
+``balance_curated`` is one k-means draw per pool (seeded by the pool seed). The clustering
+and sampling are also re-run under ``--kmeans-repeats`` other seeds on the same pool
+(cheap beside the scan): one draw swings by several hundredths, so the spread over draws
+says how much of a difference between two settings is noise.
+
     python bench/curation_quality.py [--seeds 0 1 2 3] [--target 0.2] [--levels 64:5,32:5,16:5,8:5]
+                                     [--kmeans-repeats 5]
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -55,10 +61,19 @@ def pair_scores(groups: np.ndarray, families: np.ndarray) -> tuple[float, float]
     return hit / max(len(truth), 1), hit / max(len(predicted), 1)
 
 
-def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting: str, work: Path) -> dict:
+def curated_balance(emb: np.ndarray, kept_classes: np.ndarray, n_classes: int, levels: tuple[LevelSpec, ...],
+                    count: int, weighting: str, seed: int) -> float:
+    """Balance of one balanced sample: hierarchy and sample both drawn under ``seed``."""
+    hierarchy = fit_hierarchy(emb, KMeansParams(levels=levels, seed=seed))
+    tree = hierarchy.levels_of(assign(emb, hierarchy.centroids[0])[0])
+    return normalized_entropy(kept_classes[balanced_sample(tree, count, seed, weighting=weighting)], n_classes)
+
+
+def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting: str, kmeans_repeats: int,
+             work: Path) -> dict:
     pool = make_demo_pool(work / f"pool-{seed}", DemoPoolSpec(seed=seed))
     labels = read_labels(work / f"pool-{seed}").to_pydict()
-    info = {u: (c, f) for u, c, f in zip(labels["uri"], labels["class"], labels["family"])}
+    info = {u: (c, f) for u, c, f in zip(labels["uri"], labels["class"], labels["family"], strict=True)}
     uris = list(iter_source(str(pool)))
     t0 = time.perf_counter()
     rows = scan_uris(uris, GradientHistogramEmbedder(), DecodeLimits())
@@ -82,6 +97,10 @@ def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting:
     rng = np.random.default_rng(seed)
     random_pick = rng.choice(len(kept), size=count, replace=False)
     kept_classes = classes[kept]
+    # Other k-means/sampling seeds on the same pool: 1000 apart, never another pool's seed.
+    redraws = [curated_balance(emb, kept_classes, n_classes, levels, count, weighting, seed + 1000 * r)
+               for r in range(1, kmeans_repeats + 1)]
+    draws = [normalized_entropy(kept_classes[curated], n_classes)] + redraws
     return {
         "seed": seed,
         "pool_images": len(uris),
@@ -92,6 +111,8 @@ def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting:
         "balance_raw_pool": normalized_entropy(classes, n_classes),
         "balance_after_dedup": normalized_entropy(kept_classes, n_classes),
         "balance_curated": normalized_entropy(kept_classes[curated], n_classes),
+        "balance_curated_kmeans_draws": {"n": len(draws), "mean": float(np.mean(draws)),
+                                         "min": float(np.min(draws)), "max": float(np.max(draws))},
         "baseline_random_sample": normalized_entropy(kept_classes[random_pick], n_classes),
         "baseline_other_weighting": normalized_entropy(kept_classes[other], n_classes),
         "curated_class_counts": dict(sorted(Counter(kept_classes[curated]).items())),
@@ -107,20 +128,30 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.2)
     parser.add_argument("--levels", default="64:5,32:5,16:5,8:5", help="k:resampling_steps per level, bottom first")
     parser.add_argument("--weighting", choices=["equal", "leaves"], default="equal")
+    parser.add_argument("--kmeans-repeats", type=int, default=5,
+                        help="extra k-means/sampling seeds per pool for the spread of balance_curated")
     args = parser.parse_args()
     levels = tuple(LevelSpec(int(k), int(r)) for k, r in (p.split(":") for p in args.levels.split(",")))
     with tempfile.TemporaryDirectory(prefix="vfm-quality-") as tmp:
-        runs = [run_once(seed, args.target, levels, args.weighting, Path(tmp)) for seed in args.seeds]
+        runs = [run_once(seed, args.target, levels, args.weighting, args.kmeans_repeats, Path(tmp))
+                for seed in args.seeds]
     keys = ["balance_raw_pool", "balance_after_dedup", "balance_curated", "baseline_random_sample",
             "baseline_other_weighting", "dup_planted_pairs_recall", "dup_planted_pairs_precision"]
     summary = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     summary["min_balance_curated"] = float(min(r["balance_curated"] for r in runs))
+    summary["balance_curated_mean_over_kmeans_draws"] = float(np.mean(
+        [r["balance_curated_kmeans_draws"]["mean"] for r in runs]))
+    summary["min_balance_curated_over_kmeans_draws"] = float(min(
+        r["balance_curated_kmeans_draws"]["min"] for r in runs))
     summary["min_dup_recall"] = float(min(r["dup_planted_pairs_recall"] for r in runs))
     summary["min_dup_precision"] = float(min(r["dup_planted_pairs_precision"] for r in runs))
     summary["targets"] = {"balance_curated": ">= 0.9", "dup_recall": ">= 0.95", "dup_precision": ">= 0.99"}
     summary["pass"] = bool(summary["min_balance_curated"] >= 0.9 and summary["min_dup_recall"] >= 0.95
                            and summary["min_dup_precision"] >= 0.99)
+    summary["pass_every_kmeans_draw"] = bool(summary["pass"]
+                                             and summary["min_balance_curated_over_kmeans_draws"] >= 0.9)
     print(json.dumps({"bench": "curation_quality", "levels": args.levels, "target": args.target,
+                      "kmeans_repeats": args.kmeans_repeats,
                       "summary": summary, "runs": runs}, indent=2))
 
 
