@@ -91,9 +91,9 @@ def _classes(rng: np.random.Generator, head_count: int) -> list[tuple[str, list[
     LFW faces, LFW non-faces and photo crops."""
     mnist = load_builtin("mnist5k")
     lfw = load_builtin("lfw")
-    classes = [(f"digit-{c}", [im for im, y in zip(mnist.images, mnist.labels) if y == c]) for c in range(10)]
+    classes = [(f"digit-{c}", [im for im, y in zip(mnist.images, mnist.labels, strict=True) if y == c]) for c in range(10)]
     rng.shuffle(classes)
-    classes += [(name, [im for im, y in zip(lfw.images, lfw.labels) if y == i]) for i, name in enumerate(lfw.classes)]
+    classes += [(name, [im for im, y in zip(lfw.images, lfw.labels, strict=True) if y == i]) for i, name in enumerate(lfw.classes)]
     classes.append(("photo", _photo_crops(rng, head_count)))
     return classes
 

@@ -15,8 +15,9 @@ tests/curation and bench/curation_quality.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image

@@ -86,7 +86,7 @@ def balanced_sample(levels: np.ndarray, target: int, seed: int = 0, *, leaf_pick
         if weighting == "leaves" and column > 0:
             weights = np.array([len(np.unique(levels[g, 0])) for g in groups], dtype=np.float64)
         alloc = cap_split(sizes, budget, rng, weights)
-        for group, count in zip(groups, alloc):
+        for group, count in zip(groups, alloc, strict=True):
             if count > 0:
                 split(group, column - 1, int(count))
 

@@ -9,7 +9,7 @@ sets.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
     accepted = np.zeros(n, dtype=bool)
     pixels = np.zeros((n, *prepared_shape), dtype=np.float32)
     copies = np.zeros((n, DESCRIPTOR_DIM), dtype=np.float32)
-    for i, (uri, data) in enumerate(zip(uris, read_many(list(uris), storage))):
+    for i, (uri, data) in enumerate(zip(uris, read_many(list(uris), storage), strict=True)):
         if isinstance(data, Exception):
             ids.append(hashlib.sha256(uri.encode("utf-8")).hexdigest())
             shas.append("")

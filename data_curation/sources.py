@@ -19,7 +19,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 from collections import defaultdict
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from data_curation.storage import Storage
 

@@ -227,12 +227,12 @@ class CurateStage(Stage):
     def _class_plot(self, ctx: StageContext, manifest: pa.Table, metrics: dict[str, float]) -> Path:
         """Hidden-class balance of the demo pool, before (accepted) and after (selected)."""
         labels = read_labels(demo_pool_dir(ctx)).to_pydict()
-        class_of = {os.path.abspath(u): c for u, c in zip(labels["uri"], labels["class"]) if c}
+        class_of = {os.path.abspath(u): c for u, c in zip(labels["uri"], labels["class"], strict=True) if c}
         uris = [os.path.abspath(u) for u in manifest.column("uri").to_pylist()]
         accepted = [r is None for r in manifest.column("reject_reason").to_pylist()]
         selected = manifest.column("selected").to_pylist()
-        before = [class_of[u] for u, a in zip(uris, accepted) if a and u in class_of]
-        after = [class_of[u] for u, s in zip(uris, selected) if s and u in class_of]
+        before = [class_of[u] for u, a in zip(uris, accepted, strict=True) if a and u in class_of]
+        after = [class_of[u] for u, s in zip(uris, selected, strict=True) if s and u in class_of]
         n_classes = len(set(class_of.values()))
         metrics["class_balance_before"] = normalized_entropy(np.asarray(before), n_classes)
         metrics["class_balance_after"] = normalized_entropy(np.asarray(after), n_classes)

@@ -23,7 +23,7 @@ PARAMS = KMeansParams(levels=(LevelSpec(24, 2), LevelSpec(6, 2), LevelSpec(2, 1)
 def test_hierarchy_is_deterministic_under_a_seed():
     x = _blobs()
     a, b = fit_hierarchy(x, PARAMS), fit_hierarchy(x, PARAMS)
-    for ca, cb in zip(a.centroids, b.centroids):
+    for ca, cb in zip(a.centroids, b.centroids, strict=True):
         assert np.array_equal(ca, cb)
     assert np.array_equal(assign(x, a.centroids[0])[0], assign(x, b.centroids[0])[0])
     other = fit_hierarchy(x, KMeansParams(levels=PARAMS.levels, iterations=5, seed=8))
