@@ -22,12 +22,7 @@ def plot_cluster_sizes(pool_level1: np.ndarray, selected_level1: np.ndarray, pat
     ax.set_ylabel("images in cluster")
     ax.set_title("Cluster sizes before and after balanced sampling")
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_class_histogram(pool_classes: list[str], selected_classes: list[str], path: str | Path) -> Path:
@@ -43,6 +38,11 @@ def plot_class_histogram(pool_classes: list[str], selected_classes: list[str], p
     ax.set_ylabel("share of images")
     ax.set_title("Hidden classes before and after curation")
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made) and free it."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
