@@ -139,8 +139,7 @@ class Engine:
                             num_gpus=self.config.ray.num_gpus, dashboard=self.config.ray.dashboard,
                             object_store_memory_gb=self.config.ray.object_store_memory_gb, cache_dir=cache_dir)
         try:
-            check_resources({s.name: (s.resources(self.config).cpus, s.resources(self.config).gpus)
-                             for s in todo})
+            check_resources({s.name: s.resources(self.config) for s in todo})
             parent = self._parent_run(run)
             try:
                 for stage in todo:

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestration.stage import Resources
+
 # AF_UNIX socket paths are limited to 107 bytes and Ray nests its sockets ~70 bytes deep.
 _MAX_TEMP_DIR = 40
 
@@ -99,10 +101,11 @@ def largest_node() -> dict[str, float]:
     return best
 
 
-def check_resources(requests: dict[str, tuple[float, float]]) -> None:
+def check_resources(requests: dict[str, Resources]) -> None:
     """Refuse stages whose single request no node can satisfy (Ray would wait forever)."""
     node = largest_node()
-    for stage, (cpus, gpus) in requests.items():
+    for stage, request in requests.items():
+        cpus, gpus = request.cpus, request.gpus
         if cpus > node["CPU"] or gpus > node["GPU"]:
             raise RayError(
                 f"stage {stage} needs {cpus:g} CPUs and {gpus:g} GPUs in one task, but the largest node of the "

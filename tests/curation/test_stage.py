@@ -17,23 +17,7 @@ from pipeline.config.core import RunConfig
 from pipeline.config.curate import CurateConfig
 from pipeline.stages.curate import CurateStage
 from tests.curation.images import bad_files, encode, odd_files
-
-
-class MemoryTracker:
-    def __init__(self):
-        self.metrics: dict[str, float] = {}
-        self.artifacts: list[tuple[str, str | None]] = []
-        self.tags: dict[str, str] = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, local_path, artifact_path=None):
-        assert Path(local_path).exists()
-        self.artifacts.append((Path(local_path).name, artifact_path))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
+from tests.memory_tracker import MemoryTracker
 
 
 class KilledAfterFirstChunk(StageContext):

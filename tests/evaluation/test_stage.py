@@ -13,23 +13,10 @@ from pipeline.config.evaluate import EvaluateConfig
 from pipeline.config.root import Config
 from pipeline.stages.evaluate import EvaluateStage
 from tests.evaluation.test_evaluate_backbone import tiny_hf_folder
+from tests.memory_tracker import MemoryTracker
 
 TINY = dict(datasets=["builtin:lfw"], max_train=60, max_test=20, resolution=16, copy_images=10, pca_images=2,
             pixel_side=8)
-
-
-class MemoryTracker:
-    def __init__(self):
-        self.metrics, self.tags, self.artifacts = {}, {}, []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, local_path, artifact_path=None):
-        self.artifacts.append(Path(local_path).name)
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
 
 
 @pytest.fixture
@@ -54,7 +41,7 @@ def test_stage_without_checkpoint_reports_the_baselines_and_reuses_features(loca
     assert {"report.json", "report.md", "pca_lfw_random_init.png"} <= {p.name for p in stage_dir.iterdir()}
     assert "No trained backbone was given" in (stage_dir / "report.md").read_text()
     assert "lfw/raw_pixels/knn_k10_top1" in ctx.tracker.metrics
-    assert "pca_lfw_random_init.png" in ctx.tracker.artifacts
+    assert ("pca_lfw_random_init.png", None) in ctx.tracker.artifacts
     assert len(list((tmp_path / ".work" / "evaluate" / "features").iterdir())) == 1
     first = json.loads((stage_dir / "report.json").read_text())
 

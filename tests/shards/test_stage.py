@@ -12,20 +12,7 @@ from data_curation.storage import Storage
 from orchestration.stage import StageContext
 from pipeline.config.shard import ShardConfig
 from pipeline.stages.shard import ShardStage
-
-
-class MemoryTracker:
-    def __init__(self):
-        self.metrics, self.tags = {}, {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, local_path, artifact_path=None):
-        pass
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
+from tests.memory_tracker import MemoryTracker
 
 
 @pytest.fixture(autouse=True)
