@@ -15,7 +15,10 @@ import tarfile
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: archives are padded to a whole record
 # A member name is KEY.EXT with no folders, no dots in the key, nothing a shell or a path could misread.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}\.[a-z0-9]{1,10}$")
+SAFE_KEY = r"^[A-Za-z0-9_-]{1,80}$"
+SAFE_EXT = r"^[a-z0-9]{1,10}$"
+_SAFE_NAME = re.compile(SAFE_KEY[:-1] + r"\." + SAFE_EXT[1:])
+_REGULAR = frozenset(tarfile.REGTYPE + tarfile.AREGTYPE)  # the type flag bytes of a regular file
 
 
 class BadMember(ValueError):
@@ -30,6 +33,13 @@ def padded(size: int) -> int:
 def is_safe_name(name: str) -> bool:
     """True for ``KEY.EXT`` member names: no folders, no '..', no absolute paths, no odd characters."""
     return bool(_SAFE_NAME.match(name))
+
+
+def holds_member(buf: bytes | memoryview, pos: int, name: bytes) -> bool:
+    """Whether the header at ``buf[pos:]`` is a regular file named exactly ``name``: a byte
+    comparison, for readers that have checked the header's bytes otherwise (the reader's CRC-32)."""
+    end = pos + len(name)
+    return len(buf) >= pos + BLOCK and buf[pos:end] == name and buf[end] == 0 and buf[pos + 156] in _REGULAR
 
 
 def _ustar_header(name: str, size: int) -> bytes:

@@ -7,9 +7,13 @@ run would be. Samples are fetched by their index offsets, a block of neighbours 
 so a resume seeks straight to its first sample instead of decoding what it skips. Within
 a reader, samples are shuffled in blocks of ``shuffle_block`` (the in-memory buffer).
 
-Every sample's members are checked before use (tar header checksum, a safe ``KEY.EXT``
-name that matches the index, the image's sha256); a bad or truncated sample is skipped,
-counted in ``counts`` by reason, logged, and its position stays consumed.
+Every sample is checked before use: the CRC-32 of its bytes (both headers, the image, the
+JSON) is the one in the index, and its members are regular files named ``KEY.EXT`` for the
+indexed key, whose form (no folders, no dots, no odd characters) is checked when the index
+is loaded. A bad or truncated sample is skipped, counted in ``counts`` by reason, logged,
+and its position stays consumed. Samples are checked a few dozen at a time before the
+first of them is decoded: in one tight loop the checks cost about half what they cost
+between decodes, which leave the CPU caches cold.
 
 In training, with B samples per rank and step::
 
@@ -26,25 +30,27 @@ an epoch's iteration begins.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_curation.shards.index import read_index, read_shard_list
-from data_curation.shards.members import BadMember, sample_members
+from data_curation.shards.members import BLOCK, SAFE_EXT, SAFE_KEY, holds_member
 from data_curation.shards.order import StreamLayout, block_order, shard_order
 from data_curation.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
+_CHECK_BATCH = 32  # samples checked together; also the most a resume checks before its first sample
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,8 @@ class ShardTable:
     offsets: np.ndarray  # (N,) byte offset of each sample's first member header
     sizes: np.ndarray  # (N,) bytes from that offset to the end of the sample's last member
     image_exts: list[str]
-    sha256: list[str]
+    crc32: np.ndarray  # (N,) CRC-32 of each sample's ``sizes`` bytes at ``offsets``
+    members: np.ndarray  # (N, 4) image data offset and size, JSON data offset and size, from ``offsets``
 
     @property
     def num_samples(self) -> int:
@@ -73,18 +80,30 @@ def load_shard_table(shard_dir: str, storage: Storage) -> ShardTable:
     counts = np.array([e["nsamples"] for e in entries], dtype=np.int64)
     names = [e["url"].rsplit("/", 1)[-1] for e in entries]
     expected = np.repeat(np.array(names, dtype=object), counts)
+    if "crc32" not in index.column_names:
+        raise ValueError(f"{shard_dir}: index.parquet has no crc32 column (written by an older vfm); "
+                         "rerun the shard stage")
     if index.num_rows != counts.sum() or not np.array_equal(np.array(index["shard"].to_pylist(), dtype=object),
                                                             expected):
         raise ValueError(f"{shard_dir}: index.parquet does not match shards.json; rerun the shard stage")
+    for column, pattern in (("key", SAFE_KEY), ("image_ext", SAFE_EXT)):
+        unsafe = pc.invert(pc.match_substring_regex(index[column], pattern).fill_null(False))
+        if pc.any(unsafe).as_py():
+            bad = index[column].filter(unsafe)[0].as_py()
+            raise ValueError(f"{shard_dir}: index.parquet holds an unsafe {column} {bad!r}; "
+                             "keys are [A-Za-z0-9_-] and extensions [a-z0-9]")
+    offsets = index["offset"].to_numpy()
+    members = np.stack([index["image_offset"].to_numpy() - offsets, index["image_size"].to_numpy(),
+                        index["json_offset"].to_numpy() - offsets, index["json_size"].to_numpy()], axis=1)
     return ShardTable(
         shard_uris=[e["uri"] for e in entries], shard_names=names, shard_counts=counts,
         shard_first_row=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts,
         row_shard=np.repeat(np.arange(len(entries)), counts), keys=index["key"].to_pylist(),
-        offsets=index["offset"].to_numpy(), sizes=index["size"].to_numpy(),
-        image_exts=index["image_ext"].to_pylist(), sha256=index["sha256"].to_pylist())
+        offsets=offsets, sizes=index["size"].to_numpy(), image_exts=index["image_ext"].to_pylist(),
+        crc32=index["crc32"].to_numpy(), members=members)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes | memoryview) -> Image.Image:
     """The image as an RGB PIL image (fully decoded, so errors surface here)."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
@@ -149,13 +168,15 @@ class ShardDataset(IterableDataset):
                 within = block_order(self.seed, self.epoch, first + block_start, length) if block > 1 \
                     else np.arange(length)
                 skip = max(0, done - block_start)
-                spans = self._fetch(np.unique(rows[within[skip:]]), files)
-                for j in range(skip, length):
-                    row = int(rows[within[j]])
-                    position = layout.global_position(self.rank, worker, block_start + j)
-                    sample = self._sample(row, spans.get(row), position)
-                    if sample is not None:
-                        yield sample
+                picked = rows[within[skip:]]
+                spans = self._fetch(np.unique(picked), files)
+                for at in range(0, len(picked), _CHECK_BATCH):
+                    checked = [self._check(row, spans.get(row)) for row in picked[at:at + _CHECK_BATCH].tolist()]
+                    for j, parts in enumerate(checked, start=block_start + skip + at):
+                        sample = None if parts is None else \
+                            self._sample(*parts, layout.global_position(self.rank, worker, j))
+                        if sample is not None:
+                            yield sample
         finally:
             for f in files.values():
                 f.close()
@@ -176,8 +197,9 @@ class ShardDataset(IterableDataset):
                 part = run[table.row_shard[run] == shard]
                 lo, hi = int(table.offsets[part[0]]), int(table.offsets[part[-1]] + table.sizes[part[-1]])
                 data = self._read(int(shard), lo, hi - lo, files)
-                for row in part:
-                    spans[int(row)] = None if data is None else memoryview(data)[int(table.offsets[row]) - lo:]
+                view = None if data is None else memoryview(data)
+                for row, offset in zip(part.tolist(), table.offsets[part].tolist(), strict=True):
+                    spans[row] = None if view is None else view[offset - lo:]
         return spans
 
     def _read(self, shard: int, offset: int, size: int, files: dict[int, Any]) -> bytes | None:
@@ -195,35 +217,44 @@ class ShardDataset(IterableDataset):
             log.warning("cannot read shard %s: %s", self.table.shard_uris[shard], exc)
             return None
 
-    def _sample(self, row: int, span: memoryview | None, position: int) -> dict | None:
+    def _check(self, row: int, span: memoryview | None) -> tuple[int, str, memoryview, dict] | None:
+        """(row, key, image bytes, metadata) of a sample that passes every check, else None (counted)."""
         table = self.table
-        key, shard = table.keys[row], table.shard_names[table.row_shard[row]]
         if span is None:
-            return self._skip("unreadable", shard, key, "the shard cannot be read")
-        if len(span) < table.sizes[row]:
-            return self._skip("truncated", shard, key, "the shard ends before this sample")
+            return self._skip("unreadable", row, "the shard cannot be read")
+        size = int(table.sizes[row])
+        if len(span) < size:
+            return self._skip("truncated", row, "the shard ends before this sample")
+        if zlib.crc32(span[:size]) != table.crc32[row]:
+            return self._skip("bad_checksum", row, "the sample's CRC-32 differs from the index")
+        image_at, image_size, meta_at, meta_size = table.members[row].tolist()
+        key = table.keys[row]
+        if not (BLOCK <= image_at and image_at + image_size + BLOCK <= meta_at and meta_at + meta_size <= size
+                and holds_member(span, 0, f"{key}.{table.image_exts[row]}".encode())
+                and holds_member(span, meta_at - BLOCK, f"{key}.json".encode())):
+            return self._skip("bad_member", row, f"the members are not {key}.{table.image_exts[row]} "
+                              f"and {key}.json at the indexed offsets")
         try:
-            (start, size), (meta_start, meta_size) = sample_members(span, 0, key, table.image_exts[row])
-        except BadMember as exc:
-            return self._skip("bad_member", shard, key, str(exc))
-        image, meta = bytes(span[start:start + size]), bytes(span[meta_start:meta_start + meta_size])
-        if hashlib.sha256(image).hexdigest() != table.sha256[row]:
-            return self._skip("bad_checksum", shard, key, "image sha256 differs from the index")
-        try:
-            meta = json.loads(meta)
+            meta = json.loads(str(span[meta_at:meta_at + meta_size], "utf-8"))
         except ValueError as exc:
-            return self._skip("bad_json", shard, key, str(exc))
-        if self.decode:
+            return self._skip("bad_json", row, str(exc))
+        return row, key, span[image_at:image_at + image_size], meta
+
+    def _sample(self, row: int, key: str, image: memoryview, meta: dict, position: int) -> dict | None:
+        if not self.decode:
+            image = bytes(image)
+        else:
             try:
                 decoded = decode_rgb(image)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                return self._skip("bad_image", shard, key, str(exc))
+                return self._skip("bad_image", row, str(exc))
             image = self.transform(decoded) if self.transform else decoded
         self.counts["samples"] += 1
         return {"__key__": key, "__position__": position, "image": image, "json": meta}
 
-    def _skip(self, reason: str, shard: str, key: str, detail: str) -> None:
+    def _skip(self, reason: str, row: int, detail: str) -> None:
         """Count and log a bad sample; its position stays consumed."""
         self.counts[reason] += 1
-        log.warning("skipping sample %s of %s (%s): %s", key, shard, reason, detail)
+        shard = self.table.shard_names[self.table.row_shard[row]]
+        log.warning("skipping sample %s of %s (%s): %s", self.table.keys[row], shard, reason, detail)
         return None

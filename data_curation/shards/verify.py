@@ -1,12 +1,13 @@
 """Re-read every shard and check it against shards.json and index.parquet (what ``vfm verify`` runs).
 
 Per shard: it exists, has the listed size and sha256, and each indexed sample sits at its
-offsets with the expected member names, sizes and image sha256. A bad shard is reported
-by name with the first reason found and how many of its samples are bad.
+offsets with the expected member names, sizes, image sha256 and sample CRC-32. A bad shard
+is reported by name with the first reason found and how many of its samples are bad.
 """
 from __future__ import annotations
 
 import hashlib
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ def bad_samples(data: bytes, rows: list[dict]) -> list[tuple[str, str]]:
             image = data[row["image_offset"]:row["image_offset"] + row["image_size"]]
             if hashlib.sha256(image).hexdigest() != row["sha256"]:
                 raise BadMember("image sha256 differs from the index")
+            if zlib.crc32(data[row["offset"]:row["offset"] + row["size"]]) != row["crc32"]:
+                raise BadMember("sample CRC-32 differs from the index")
         except BadMember as exc:
             bad.append((row["key"], str(exc)))
     return bad

@@ -13,6 +13,7 @@ import os
 import tarfile
 import time
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,11 +87,9 @@ class _HashingFile:
         self.offset += len(data)
 
 
-def _write_member(out: _HashingFile, name: str, data: bytes) -> int:
-    """Append one member (header, data, padding in one write); returns the offset of its data."""
-    start = out.offset + BLOCK
-    out.write(b"".join((member_header(name, len(data)), data, bytes(padded(len(data)) - len(data)))))
-    return start
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member: header, data, zero padding."""
+    return b"".join((member_header(name, len(data)), data, bytes(padded(len(data)) - len(data))))
 
 
 def _metadata(sample: dict, width: int, height: int) -> bytes:
@@ -129,13 +128,17 @@ def build_shard(job: ShardJob, out: _HashingFile, storage: Storage, options: Enc
         reencoded += image.reencoded
         key = sample["id"]
         start = out.offset
-        image_offset = _write_member(out, f"{key}.{image.extension}", image.data)
         meta = _metadata(sample, image.width, image.height)
-        json_offset = _write_member(out, f"{key}.json", meta)
+        image_member = _member(f"{key}.{image.extension}", image.data)
+        json_member = _member(f"{key}.json", meta)
+        out.write(image_member)
+        out.write(json_member)
         rows.append({"key": key, "shard": job.name, "sample": len(rows), "offset": start,
-                     "size": out.offset - start, "image_ext": image.extension, "image_offset": image_offset,
-                     "image_size": len(image.data), "json_offset": json_offset, "json_size": len(meta),
-                     "sha256": hashlib.sha256(image.data).hexdigest() if image.reencoded else sample["sha256"]})
+                     "size": out.offset - start, "image_ext": image.extension, "image_offset": start + BLOCK,
+                     "image_size": len(image.data), "json_offset": start + len(image_member) + BLOCK,
+                     "json_size": len(meta),
+                     "sha256": hashlib.sha256(image.data).hexdigest() if image.reencoded else sample["sha256"],
+                     "crc32": zlib.crc32(json_member, zlib.crc32(image_member))})
     out.write(archive_end(out.offset))
     return rows, skipped, reencoded
 

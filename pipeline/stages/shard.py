@@ -67,7 +67,7 @@ def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> in
 class ShardStage(Stage):
     name = STAGE_FOLDER
     requires = ("curate",)
-    format_version = 1
+    format_version = 2
 
     def resources(self, config) -> Resources:
         return Resources(cpus=1)

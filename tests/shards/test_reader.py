@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_curation.shards.build import ShardSpec, build_shards
-from data_curation.shards.index import read_index
+from data_curation.shards.index import INDEX_FILE, INDEX_SCHEMA, read_index
 from data_curation.shards.plan import ShardLimits
 from data_curation.shards.reader import ShardDataset
 from data_curation.storage import Storage
@@ -130,7 +133,12 @@ def test_truncated_shard_skips_and_counts_its_lost_samples(built):
     assert dataset.counts["samples"] == len(samples)
 
 
+def _rewrite_index(shard_dir: str, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), Path(shard_dir, INDEX_FILE))
+
+
 def test_corrupt_image_and_unsafe_member_name_are_skipped(built):
+    """A broken image fails the CRC; a forged member name fails even with a CRC made to match."""
     index = read_index(built.shard_dir, Storage()).to_pylist()
     first, second = index[0], index[1]
     path = Path(built.shard_dir, "shards", first["shard"])
@@ -138,13 +146,24 @@ def test_corrupt_image_and_unsafe_member_name_are_skipped(built):
     evil = tarfile.TarInfo(f"../{first['key']}.{first['image_ext']}")
     evil.size = first["image_size"]
     data[first["offset"]:first["offset"] + 512] = evil.tobuf(format=tarfile.USTAR_FORMAT)
-    data[second["image_offset"] + 2:second["image_offset"] + 40] = bytes(38)  # breaks the image, and its sha256
+    first["crc32"] = zlib.crc32(data[first["offset"]:first["offset"] + first["size"]])
+    data[second["image_offset"] + 2:second["image_offset"] + 40] = bytes(38)  # breaks the image, and its CRC
     path.write_bytes(bytes(data))
+    _rewrite_index(built.shard_dir, index)
     dataset = ShardDataset(built.shard_dir, shuffle=False, shuffle_block=1)
     keys = [s["__key__"] for s in dataset]
     assert (dataset.counts["bad_member"], dataset.counts["bad_checksum"]) == (1, 1)
     assert first["key"] not in keys and second["key"] not in keys
     assert len(keys) == len(built.pool.selected) - 2
+
+
+@pytest.mark.parametrize("column, value", [("key", "../etc/passwd"), ("key", "a.b"), ("image_ext", "j/pg")])
+def test_an_index_with_an_unsafe_key_or_extension_is_refused(built, column, value):
+    index = read_index(built.shard_dir, Storage()).to_pylist()
+    index[3][column] = value
+    _rewrite_index(built.shard_dir, index)
+    with pytest.raises(ValueError, match=f"unsafe {column}"):
+        ShardDataset(built.shard_dir)
 
 
 def test_a_missing_shard_is_counted_unreadable_and_the_rest_is_read(built):
@@ -153,3 +172,20 @@ def test_a_missing_shard_is_counted_unreadable_and_the_rest_is_read(built):
     dataset = ShardDataset(built.shard_dir, shuffle_block=8, decode=False)
     samples = list(dataset)
     assert dataset.counts["unreadable"] == 30 and len(samples) == len(built.pool.selected) - 30
+
+
+def test_flipped_bytes_that_still_parse_are_caught_by_the_crc(built):
+    """A changed JSON digit and a changed header mtime leave every member readable; the CRC sees both."""
+    index = read_index(built.shard_dir, Storage()).to_pylist()
+    first, second = index[0], index[1]
+    path = Path(built.shard_dir, "shards", first["shard"])
+    data = bytearray(path.read_bytes())
+    meta = bytes(data[first["json_offset"]:first["json_offset"] + first["json_size"]])
+    digit = meta.index(b'"width":') + len(b'"width":')
+    data[first["json_offset"] + digit] = ord("9") if meta[digit] != ord("9") else ord("8")
+    data[second["offset"] + 136] = ord("1")  # the first digit of the image header's mtime
+    path.write_bytes(bytes(data))
+    dataset = ShardDataset(built.shard_dir, shuffle=False, shuffle_block=1, decode=False)
+    keys = [s["__key__"] for s in dataset]
+    assert dataset.counts["bad_checksum"] == 2 and dataset.counts["bad_member"] == 0
+    assert first["key"] not in keys and second["key"] not in keys
