@@ -10,6 +10,7 @@ Targets: hierarchy / flat <= 1.5 at each size; hierarchy time at 4N / at N <= 4.
 
     python bench/kmeans.py            # quick: 100k x 64 and 20k x 384 (and 4x each), k1 = 250
     python bench/kmeans.py --full     # the issue's sizes: 1M x 64 and 200k x 384 (and 4x each), k1 = 1000
+    python bench/kmeans.py --full --dim 384   # one of them
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -68,35 +69,41 @@ def run_one(method: str, n: int, d: int, spec: str) -> dict:
             "level1_size_cv": round(float(sizes.std() / sizes.mean()), 3)}
 
 
-def measure(method: str, n: int, d: int, spec: str, repeats: int) -> dict:
-    """The fastest of ``repeats`` runs (the machine is shared; the minimum is the least disturbed)."""
-    runs = []
+def measure_pair(n: int, d: int, spec: str, repeats: int) -> tuple[dict, dict]:
+    """The fastest of ``repeats`` runs of each method, the two methods taking turns (the machine
+    is shared: the minimum is the least disturbed run, and turns spread a change of load over both)."""
+    runs: dict[str, list[dict]] = {"hierarchical": [], "flat": []}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--one", method, str(n), str(d), spec], check=True,
-                             capture_output=True, text=True)
-        runs.append(json.loads(out.stdout))
-    best = min(runs, key=lambda r: r["seconds"])
-    best["all_seconds"] = [r["seconds"] for r in runs]
-    return best
+        for method in runs:
+            out = subprocess.run([sys.executable, __file__, "--one", method, str(n), str(d), spec], check=True,
+                                 capture_output=True, text=True)
+            runs[method].append(json.loads(out.stdout))
+    best = {}
+    for method, done in runs.items():
+        best[method] = min(done, key=lambda r: r["seconds"])
+        best[method]["all_seconds"] = [r["seconds"] for r in done]
+    return best["hierarchical"], best["flat"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="1M x 64 and 200k x 384 (several minutes)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest counts")
+    parser.add_argument("--dim", type=int, nargs="+", help="only the shapes of these dimensions (64, 384)")
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "N", "D", "LEVELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.one[3])))
         return
     shapes = [(1_000_000, 64), (200_000, 384)] if args.full else [(100_000, 64), (20_000, 384)]
+    if args.dim:
+        shapes = [(n, d) for n, d in shapes if d in args.dim]
     levels = FULL_LEVELS if args.full else QUICK_LEVELS
     results = []
     for n, d in shapes:
         row: dict = {"shape": f"{n}x{d}"}
         for scale in (1, 4):
-            hier = measure("hierarchical", scale * n, d, levels, args.repeats)
-            flat = measure("flat", scale * n, d, levels, args.repeats)
+            hier, flat = measure_pair(scale * n, d, levels, args.repeats)
             row[f"x{scale}"] = {"hierarchical": hier, "flat_faiss_kmeans": flat,
                                 "ratio_hierarchical_over_flat": round(hier["seconds"] / flat["seconds"], 3)}
         row["hierarchical_growth_at_4x_points"] = round(row["x4"]["hierarchical"]["seconds"]

@@ -7,7 +7,8 @@ Level 1 clusters the points; level l+1 clusters the centroids of level l. Each l
 2. ``iterations`` Lloyd iterations (faiss) on the level's training points;
 3. ``resampling_steps`` times: assign every training point, keep the s points closest
    to each centroid (s = half the mean cluster size), and run ``resample_iterations``
-   Lloyd iterations on those points only, warm-started from the current centroids.
+   Lloyd iterations on those points only, warm-started from the current centroids (the
+   first from the labels that selection computed, without a search).
    Taking the same number of points near every centroid pulls centroids toward a
    uniform cover of the data's support instead of its density (Vo et al. §4).
 
@@ -140,8 +141,22 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
     for _ in range(spec.resampling_steps):
         labels, dist = assign(x, centroids)
         kept = closest_per_cluster(labels, dist, per_cluster)
-        centroids = _lloyd(x[kept], centroids, params.resample_iterations, int(rng.integers(2**31)))
+        # The first Lloyd iteration on the kept points needs no search: their labels are known.
+        centroids = cluster_means(x[kept], labels[kept], centroids)
+        centroids = _lloyd(x[kept], centroids, params.resample_iterations - 1, int(rng.integers(2**31)))
     return centroids
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """One Lloyd update from known labels: each centroid moves to the mean of its points
+    (a centroid without points stays where it is)."""
+    counts = np.bincount(labels, minlength=len(centroids))
+    present = np.flatnonzero(counts)
+    starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
+    sums = np.add.reduceat(x[np.argsort(labels, kind="stable")], starts, axis=0, dtype=np.float64)
+    out = centroids.copy()
+    out[present] = (sums / counts[present, None]).astype(np.float32)
+    return out
 
 
 def training_rows(n: int, params: KMeansParams) -> np.ndarray:

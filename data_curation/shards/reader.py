@@ -11,7 +11,7 @@ Every sample is checked before use: the CRC-32 of its bytes (both headers, the i
 JSON) is the one in the index, and its members are regular files named ``KEY.EXT`` for the
 indexed key, whose form (no folders, no dots, no odd characters) is checked when the index
 is loaded. A bad or truncated sample is skipped, counted in ``counts`` by reason, logged,
-and its position stays consumed. Samples are checked a few dozen at a time before the
+and its position stays consumed. Samples are checked up to 256 at a time before the
 first of them is decoded: in one tight loop the checks cost about half what they cost
 between decodes, which leave the CPU caches cold.
 
@@ -50,7 +50,7 @@ from data_curation.shards.order import StreamLayout, block_order, shard_order
 from data_curation.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
-_CHECK_BATCH = 32  # samples checked together; also the most a resume checks before its first sample
+_CHECK_BATCH = 256  # samples checked together; also the most a resume checks before its first sample
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from data_curation.hkmeans import (
     LevelSpec,
     assign,
     closest_per_cluster,
+    cluster_means,
     fit_hierarchy,
     kmeans_plus_plus,
     training_rows,
@@ -60,3 +61,15 @@ def test_level_one_trains_on_an_explicit_capped_sample():
     assert len(rows) == 200 and np.array_equal(rows, np.sort(rows))
     assert np.array_equal(rows, training_rows(1000, params))
     assert len(training_rows(150, params)) == 150
+
+
+def test_cluster_means_is_one_lloyd_update_and_keeps_empty_clusters():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    labels = rng.integers(0, 12, size=500)
+    labels[labels == 4] = 5  # cluster 4 has no points
+    centroids = rng.normal(size=(12, 6)).astype(np.float32)
+    moved = cluster_means(x, labels, centroids)
+    for j in range(12):
+        expected = centroids[j] if j == 4 else x[labels == j].mean(axis=0)
+        np.testing.assert_allclose(moved[j], expected, atol=1e-6)
