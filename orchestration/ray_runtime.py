@@ -7,6 +7,7 @@ long time).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -73,6 +74,9 @@ def start_ray(address: str | None, *, num_cpus: int | None, num_gpus: int | None
             num_gpus = torch.cuda.device_count()
         except Exception:
             num_gpus = 0
+    # Ray 2.60 turns token auth on for every new local cluster (the token goes to ~/.ray/auth_token)
+    # and says so in a warning on each start; that is the secure choice and nothing to act on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=ray_temp_dir(cache_dir),
              logging_level="WARNING", configure_logging=True, **kwargs)
@@ -102,8 +106,13 @@ def largest_node() -> dict[str, float]:
 
 
 def check_resources(requests: dict[str, Resources]) -> None:
-    """Refuse stages whose single request no node can satisfy (Ray would wait forever)."""
+    """Refuse stages Ray would wait on forever: a single request no node can satisfy, or a
+    pool held for the whole stage that leaves no CPU of the cluster for the stage's tasks."""
+    import ray
+
     node = largest_node()
+    total = ray.cluster_resources()
+    total_cpus, total_gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     for stage, request in requests.items():
         cpus, gpus = request.cpus, request.gpus
         if cpus > node["CPU"] or gpus > node["GPU"]:
@@ -111,3 +120,8 @@ def check_resources(requests: dict[str, Resources]) -> None:
                 f"stage {stage} needs {cpus:g} CPUs and {gpus:g} GPUs in one task, but the largest node of the "
                 f"Ray cluster has {node['CPU']:g} CPUs and {node['GPU']:g} GPUs; lower the stage's resources "
                 "in the config or add bigger nodes")
+        if request.held_cpus + 1 > total_cpus or request.held_gpus > total_gpus:
+            raise RayError(
+                f"stage {stage} holds {request.held_cpus:g} CPUs and {request.held_gpus:g} GPUs for its whole run "
+                f"({request.held_by or 'its actor pool'}) and needs at least 1 more CPU for its tasks, but the Ray "
+                f"cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs in all; lower those settings or add nodes")

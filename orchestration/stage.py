@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Resources:
-    """The largest Ray request one task or actor of a stage makes."""
+    """What a stage asks of Ray: its largest single request (one task or actor), and what it
+    holds for its whole run beside its tasks (an actor pool), which the cluster must fit with
+    at least one CPU to spare for those tasks. ``held_by`` names the config keys behind the
+    held part, for the error when it does not fit."""
 
     cpus: float = 1.0
     gpus: float = 0.0
+    held_cpus: float = 0.0
+    held_gpus: float = 0.0
+    held_by: str = ""
 
 
 class Tracker(Protocol):
@@ -79,7 +85,7 @@ class Stage(abc.ABC):
     format_version: ClassVar[int] = 1
 
     def resources(self, config: Any) -> Resources:
-        """The largest single Ray request this stage will make under ``config``."""
+        """The Ray resources this stage will ask for under ``config``."""
         return Resources()
 
     @abc.abstractmethod

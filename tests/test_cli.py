@@ -86,6 +86,13 @@ def test_ray_cluster_unreachable_is_one_line(tmp_path):
     assert "Ray cluster at 127.0.0.1:9 is unreachable" in line
 
 
+def test_an_embedding_pool_that_would_starve_decoding_is_one_line(tmp_path):
+    line = one_error_line(vfm("run", "-c", "smoke", "--set", "ray.num_cpus=2", "--set", "curate.embed.actors=2",
+                              cwd=tmp_path))
+    assert "stage curate holds 2 CPUs" in line and "curate.embed.actors=2" in line
+    assert not (tmp_path / "runs" / "smoke" / "curate").exists()
+
+
 def test_plan_prints_the_7b_parameter_count(tmp_path):
     out = vfm("plan", "-c", "vit7b", "--json", "--nodes", "4", "--gpus-per-node", "8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

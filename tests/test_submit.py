@@ -27,8 +27,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head started the way an operator does, stopped by killing its process group."""
+def ray_head(tmp_path, monkeypatch):
+    """A Ray head started the way an operator secures one (a token from `ray get-auth-token
+    --generate`, RAY_AUTH_MODE=token), stopped by killing its process group. HOME is a temporary
+    folder for the head and the test's clients, so the token (HOME/.ray/auth_token) neither
+    comes from nor stays behind in the user's home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     gcs, dash = free_port(), free_port()
     # Every port Ray would otherwise take by default, so this head can live beside another local Ray.
     agent_ports = [f"--{flag}={free_port()}" for flag in (
@@ -38,6 +44,9 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    env["RAY_AUTH_MODE"] = "token"
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}",
@@ -49,7 +58,7 @@ def ray_head(tmp_path):
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                 break
-        except urllib.error.HTTPError:  # 401: up, with Ray's token auth (clients here read ~/.ray/auth_token)
+        except urllib.error.HTTPError:  # 401: up, with Ray's token auth (clients here read HOME/.ray/auth_token)
             break
         except OSError:
             assert proc.poll() is None, "ray start --head exited"
@@ -66,7 +75,7 @@ def test_submit_follow_then_plain_ray_job_submit(tmp_path, ray_head):
     config.write_text("base: smoke\nname: cluster\n")
     run_dir = tmp_path / "run"
     db = tmp_path / "mlflow.db"
-    # `ray start --head` turns on Ray's token auth; a client sends the token from ~/.ray/auth_token in token mode
+    # `ray start --head` turns on Ray's token auth; a client sends the token from HOME/.ray/auth_token in token mode
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "--address", ray_head, "--follow",

@@ -89,7 +89,10 @@ class CurateStage(Stage):
 
     def resources(self, config) -> Resources:
         embed = config.curate.embed
-        return Resources(cpus=embed.cpus_per_actor, gpus=embed.gpus_per_actor)
+        return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=embed.gpus_per_actor,
+                         held_cpus=embed.actors * embed.cpus_per_actor, held_gpus=embed.actors * embed.gpus_per_actor,
+                         held_by=f"curate.embed.actors={embed.actors} x cpus_per_actor={embed.cpus_per_actor:g}, "
+                                 f"gpus_per_actor={embed.gpus_per_actor:g}")
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)

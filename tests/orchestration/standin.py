@@ -25,6 +25,7 @@ class StepConfig(Section):
     fail: bool = False
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
+    held_cpus: float = Field(0.0, ge=0)
 
 
 class StandinConfig(Section):
@@ -50,7 +51,8 @@ class StepStage(Stage):
 
     def resources(self, config) -> Resources:
         section = getattr(config, self.name)
-        return Resources(cpus=section.cpus, gpus=section.gpus)
+        return Resources(cpus=section.cpus, gpus=section.gpus, held_cpus=section.held_cpus,
+                         held_by=f"{self.name}.held_cpus")
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray

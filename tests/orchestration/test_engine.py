@@ -126,6 +126,14 @@ def test_stage_asking_more_than_the_cluster_has_is_refused(tmp_path, mlflow_uri,
         make_engine(cfg(mlflow_uri, b=StepConfig(gpus=4)), str(run_dir)).run()
 
 
+def test_a_pool_that_leaves_no_cpu_for_its_tasks_is_refused_before_any_work(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RayError, match=r"stage c holds 2 CPUs .*\(c.held_cpus\) and needs at least 1 more CPU"):
+        make_engine(cfg(mlflow_uri, c=StepConfig(held_cpus=2)), str(run_dir)).run()
+    assert runs_of(run_dir, "a") == 0
+    assert make_engine(cfg(mlflow_uri, c=StepConfig(held_cpus=1)), str(run_dir)).run().ran == ["a", "b", "c"]
+
+
 def test_unreachable_ray_cluster_is_one_clear_error(tmp_path, mlflow_uri):
     c = cfg(mlflow_uri)
     c.ray.address = "127.0.0.1:9"
