@@ -30,15 +30,32 @@ ExportFormat = Literal["vfm", "hf", "dinov3"]
 T = TypeVar("T")
 
 
+def _backbone_part(state: Any) -> Any:
+    """The teacher backbone of a DINOv2/DINOv3 training or evaluation checkpoint, as a plain backbone state
+    dict: ``{"teacher": {"backbone.*", "dino_head.*", ...}}`` (the eval-time teacher checkpoint) or
+    ``{"model": {"teacher.backbone.*", "student.*", ...}, "optimizer": ..., "iteration": ...}``. Anything
+    else comes back as it is."""
+    if isinstance(state, dict):
+        for wrapper in ("teacher", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        for prefix in ("teacher.backbone.", "backbone."):
+            if any(isinstance(k, str) and k.startswith(prefix) for k in state):
+                return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
 def load_state_dict_file(path: str, storage: Storage | None = None) -> StateDict:
-    """A tensor dict from a .safetensors file, or from a torch file that loads with weights_only=True."""
+    """A tensor dict from a .safetensors file, or from a torch file that loads with weights_only=True
+    (a training checkpoint gives its teacher backbone: see :func:`_backbone_part`)."""
     storage = storage or Storage()
     if not storage.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     data = storage.read_bytes(path)
     if path.endswith(".safetensors"):
         try:
-            return safetensors.torch.load(data)
+            return _backbone_part(safetensors.torch.load(data))
         except Exception as exc:  # safetensors raises its own error types for a corrupt header
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
@@ -48,6 +65,7 @@ def load_state_dict_file(path: str, storage: Storage | None = None) -> StateDict
         raise CheckpointError(
             f"{path}: neither safetensors nor a weights-only torch checkpoint; refusing to unpickle it ({first_line})"
         ) from exc
+    state = _backbone_part(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a flat dict of tensors")
     return state

@@ -115,6 +115,24 @@ def test_bad_state_dict_lists_missing_unexpected_and_misshaped_keys(tmp_path: Pa
         load_backbone(str(tmp_path / "bad_shape.pth"))
 
 
+def test_training_checkpoints_give_their_teacher_backbone(tmp_path: Path) -> None:
+    """DINOv2/v3 checkpoints wrap the backbone: {"teacher": {"backbone.*", heads}} and {"model": {...}, ...}."""
+    plain = _official_state(tmp_path)
+    torch.save(plain, tmp_path / "plain.pth")
+    reference = load_backbone(str(tmp_path / "plain.pth"))[0].state_dict()
+    head = {"dino_head.mlp.0.weight": torch.zeros(8, 64), "ibot_head.last_layer.weight": torch.zeros(4, 8)}
+    eval_checkpoint = {"teacher": {**{f"backbone.{k}": v for k, v in plain.items()}, **head}}
+    training = {"model": {**{f"teacher.backbone.{k}": v for k, v in plain.items()},
+                          **{f"student.backbone.{k}": torch.zeros_like(v) for k, v in plain.items()}},
+                "iteration": 1250, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}
+    for name, checkpoint in (("teacher_checkpoint.pth", eval_checkpoint), ("model_0001249.pth", training)):
+        torch.save(checkpoint, tmp_path / name)
+        loaded, info = load_backbone(str(tmp_path / name))
+        assert info["format"] == "dinov3"
+        for key, value in reference.items():
+            torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
 class _NotTensors:
     pass
 
