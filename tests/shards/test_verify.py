@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from data_curation.shards.index import INDEX_FILE
 from data_curation.shards.verify import verify_shards
 from data_curation.storage import Storage
 from pipeline.stages.shard import verify_cli
@@ -55,3 +57,9 @@ def test_vfm_verify_exits_1_naming_the_bad_shard(built, tmp_path):
     lines.clear()
     assert verify_cli(str(run_dir), Storage(), lines.append) == 1
     assert lines[0].startswith(f"bad shard {shard.name}: ") and "1 bad" in lines[-1]
+
+
+def test_an_index_from_before_the_crc32_column_still_verifies(built):
+    path = Path(built.shard_dir, INDEX_FILE)
+    pq.write_table(pq.read_table(path).drop_columns(["crc32"]), path)
+    assert verify_shards(built.shard_dir).ok
