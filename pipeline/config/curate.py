@@ -26,7 +26,7 @@ class EmbedConfig(Section):
     actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves (also its torch "
                                   "threads). actors x cpus_per_actor must leave at least one CPU of the cluster free for the "
-                                  "decoding tasks; a run that would not is refused before it starts.")
+                                  "Ray Data read tasks that feed the pool; a run that would not is refused before it starts.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves; 0 on CPU clusters.")
 
 
