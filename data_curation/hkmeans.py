@@ -141,9 +141,10 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
     for _ in range(spec.resampling_steps):
         labels, dist = assign(x, centroids)
         kept = closest_per_cluster(labels, dist, per_cluster)
+        near = x[kept]
         # The first Lloyd iteration on the kept points needs no search: their labels are known.
-        centroids = cluster_means(x[kept], labels[kept], centroids)
-        centroids = _lloyd(x[kept], centroids, params.resample_iterations - 1, int(rng.integers(2**31)))
+        centroids = cluster_means(near, labels[kept], centroids)
+        centroids = _lloyd(near, centroids, params.resample_iterations - 1, int(rng.integers(2**31)))
     return centroids
 
 
