@@ -1,12 +1,14 @@
 """Curation quality on the demo pool: class balance of the selection and duplicate detection.
 
 Runs the curation library (decode, built-in embedder, dedup, hierarchical k-means,
-balanced sampling) in-process on the demo pool and scores it with the hidden labels:
+balanced sampling) in-process on the demo pool, with the curation settings of a config
+(``--config``, by default ``local``: what the embedded default run uses; ``--set`` overrides
+one value as ``vfm run --set`` does), and scores it with the hidden labels:
 
 - balance: entropy of the hidden-class distribution / log(#classes), for the raw pool
   (accepted images), the curated selection, and baselines of the same size measured in
   the same run: a uniform random sample, and the other top-down weighting ("leaves"
-  when --weighting is "equal", the default) on the same hierarchy. Target: selection
+  when the config's curate.sample.weighting is "equal") on the same hierarchy. Target: selection
   >= 0.9, raw far below.
 - duplicates: pairs of images in one duplicate group vs. pairs of the same planted
   family (an original and its exact/near copies). Target: recall >= 0.95, precision >= 0.99.
@@ -20,13 +22,14 @@ and sampling are also re-run under ``--kmeans-repeats`` other seeds on the same 
 (cheap beside the scan): one draw swings by several hundredths, so the spread over draws
 says how much of a difference between two settings is noise.
 
-    python bench/curation_quality.py [--seeds 0 1 2 3] [--target 0.2] [--levels 64:5,32:5,16:5,8:5]
-                                     [--kmeans-repeats 5]
+    python bench/curation_quality.py [--config local] [--seeds 0 1 2 3] [--kmeans-repeats 5]
+        [--set curate.sample.target=0.2] [--set 'curate.cluster.levels=[{k: 64}, {k: 16}]']
 Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -42,11 +45,13 @@ from data_curation.decode import DecodeLimits  # noqa: E402
 from data_curation.dedup import deduplicate  # noqa: E402
 from data_curation.demo_pool import DemoPoolSpec, make_demo_pool, read_labels  # noqa: E402
 from data_curation.embedders import GradientHistogramEmbedder  # noqa: E402
-from data_curation.hkmeans import KMeansParams, LevelSpec, assign, fit_hierarchy  # noqa: E402
+from data_curation.hkmeans import KMeansParams, assign, fit_hierarchy  # noqa: E402
 from data_curation.manifest import normalized_entropy  # noqa: E402
 from data_curation.sampling import balanced_sample, resolve_target  # noqa: E402
 from data_curation.scan import scan_uris  # noqa: E402
 from data_curation.sources import iter_source  # noqa: E402
+from pipeline.config.root import load_config  # noqa: E402
+from pipeline.stages.curate import kmeans_params  # noqa: E402
 
 
 def pair_scores(groups: np.ndarray, families: np.ndarray) -> tuple[float, float]:
@@ -65,16 +70,16 @@ def pair_scores(groups: np.ndarray, families: np.ndarray) -> tuple[float, float]
     return hit / max(len(truth), 1), hit / max(len(predicted), 1)
 
 
-def curated_balance(emb: np.ndarray, kept_classes: np.ndarray, n_classes: int, levels: tuple[LevelSpec, ...],
-                    count: int, weighting: str, seed: int) -> float:
-    """Balance of one balanced sample: hierarchy and sample both drawn under ``seed``."""
-    hierarchy = fit_hierarchy(emb, KMeansParams(levels=levels, seed=seed))
-    tree = hierarchy.levels_of(assign(emb, hierarchy.centroids[0])[0])
-    return normalized_entropy(kept_classes[balanced_sample(tree, count, seed, weighting=weighting)], n_classes)
+def curated_sample(emb: np.ndarray, params: KMeansParams, sample, count: int, seed: int,
+                   weighting: str | None = None) -> np.ndarray:
+    """Rows of one balanced sample as the curate stage draws it: hierarchy and sample under ``seed``."""
+    hierarchy = fit_hierarchy(emb, dataclasses.replace(params, seed=seed))
+    level1, distance = assign(emb, hierarchy.centroids[0])
+    return balanced_sample(hierarchy.levels_of(level1), count, seed, leaf_pick=sample.leaf_pick,
+                           distance=distance, weighting=weighting or sample.weighting)
 
 
-def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting: str, kmeans_repeats: int,
-             work: Path) -> dict:
+def run_once(seed: int, curate, kmeans_repeats: int, work: Path) -> dict:
     pool = make_demo_pool(work / f"pool-{seed}", DemoPoolSpec(seed=seed))
     labels = read_labels(work / f"pool-{seed}").to_pydict()
     info = {u: (c, f) for u, c, f in zip(labels["uri"], labels["class"], labels["family"], strict=True)}
@@ -87,32 +92,30 @@ def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting:
     families = np.array([info[rows["uri"][i]][1] for i in acc], dtype=np.int64)
     n_classes = len(set(classes))
 
-    dedup = deduplicate(rows["sha256"][acc], rows["copy"][acc], threshold=0.99, k=16)
+    dedup = deduplicate(rows["sha256"][acc], rows["copy"][acc], threshold=curate.dedup.threshold, k=curate.dedup.k)
     recall, precision = pair_scores(dedup.group, families)
     kept = np.flatnonzero(dedup.kept)
     emb = rows["embedding"][acc][kept]
-    params = KMeansParams(levels=levels, seed=seed)
-    hierarchy = fit_hierarchy(emb, params)
-    level1, dist = assign(emb, hierarchy.centroids[0])
-    tree = hierarchy.levels_of(level1)
-    count = resolve_target(target, len(kept))
-    curated = balanced_sample(tree, count, seed, weighting=weighting)
-    other = balanced_sample(tree, count, seed, weighting="leaves" if weighting == "equal" else "equal")
+    params = kmeans_params(curate.cluster, seed)
+    count = resolve_target(curate.sample.target, len(kept))
+    curated = curated_sample(emb, params, curate.sample, count, seed)
+    other_weighting = "leaves" if curate.sample.weighting == "equal" else "equal"
+    other = curated_sample(emb, params, curate.sample, count, seed, other_weighting)
     rng = np.random.default_rng(seed)
     random_pick = rng.choice(len(kept), size=count, replace=False)
     kept_classes = classes[kept]
     # Other k-means/sampling seeds on the same pool: 1000 apart, never another pool's seed.
-    redraws = [curated_balance(emb, kept_classes, n_classes, levels, count, weighting, seed + 1000 * r)
-               for r in range(1, kmeans_repeats + 1)]
-    draws = [normalized_entropy(kept_classes[curated], n_classes)] + redraws
+    draws = [normalized_entropy(kept_classes[curated_sample(emb, params, curate.sample, count, seed + 1000 * r)],
+                                n_classes) for r in range(1, kmeans_repeats + 1)]
+    draws.insert(0, normalized_entropy(kept_classes[curated], n_classes))
     # A diagnostic, not curation: the same clustering and sampling with each image's hidden class
     # joined to its embedding (a one-hot far larger than the embedding's spread). What this
     # reaches is the most a better embedder could give with this hierarchy and target.
     names = sorted(set(kept_classes))
     one_hot = np.eye(len(names), dtype=np.float32)[[names.index(c) for c in kept_classes]]
     with_class = np.concatenate([emb, 3.0 * one_hot], axis=1)
-    bound = [curated_balance(with_class, kept_classes, n_classes, levels, count, weighting, seed + 1000 * r)
-             for r in range(kmeans_repeats + 1)]
+    bound = [normalized_entropy(kept_classes[curated_sample(with_class, params, curate.sample, count, seed + 1000 * r)],
+                                n_classes) for r in range(kmeans_repeats + 1)]
     return {
         "seed": seed,
         "pool_images": len(uris),
@@ -139,15 +142,16 @@ def run_once(seed: int, target: float, levels: tuple[LevelSpec, ...], weighting:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--target", type=float, default=0.2)
-    parser.add_argument("--levels", default="64:5,32:5,16:5,8:5", help="k:resampling_steps per level, bottom first")
-    parser.add_argument("--weighting", choices=["equal", "leaves"], default="equal")
+    parser.add_argument("--config", default="local", help="preset name or YAML file whose curate.* settings are "
+                        "measured (default: local, the embedded default run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, as vfm run --set does")
     parser.add_argument("--kmeans-repeats", type=int, default=5,
                         help="extra k-means/sampling seeds per pool for the spread of balance_curated")
     args = parser.parse_args()
-    levels = tuple(LevelSpec(int(k), int(r)) for k, r in (p.split(":") for p in args.levels.split(",")))
+    curate = load_config(args.config, args.overrides).curate
     with tempfile.TemporaryDirectory(prefix="vfm-quality-") as tmp:
-        runs = [run_once(seed, args.target, levels, args.weighting, args.kmeans_repeats, Path(tmp))
+        runs = [run_once(seed, curate, args.kmeans_repeats, Path(tmp))
                 for seed in args.seeds]
     keys = ["balance_raw_pool", "balance_after_dedup", "balance_curated", "baseline_random_sample",
             "baseline_other_weighting", "dup_planted_pairs_recall", "dup_planted_pairs_precision"]
@@ -168,7 +172,9 @@ def main() -> None:
                            and summary["min_dup_precision"] >= 0.99)
     summary["pass_every_kmeans_draw"] = bool(summary["pass"]
                                              and summary["min_balance_curated_over_kmeans_draws"] >= 0.9)
-    print(json.dumps({"bench": "curation_quality", "levels": args.levels, "target": args.target,
+    levels = ",".join(f"{level.k}:{level.resampling_steps}" for level in curate.cluster.levels)
+    print(json.dumps({"bench": "curation_quality", "config": args.config, "overrides": args.overrides,
+                      "levels": levels, "target": curate.sample.target, "weighting": curate.sample.weighting,
                       "kmeans_repeats": args.kmeans_repeats,
                       "summary": summary, "runs": runs}, indent=2))
 

@@ -1,15 +1,17 @@
 import numpy as np
+import pytest
 
 from data_curation.hkmeans import (
     KMeansParams,
     LevelSpec,
     assign,
     closest_per_cluster,
-    cluster_means,
     fit_hierarchy,
     kmeans_plus_plus,
     training_rows,
 )
+from data_curation.manifest import normalized_entropy
+from data_curation.sampling import balanced_sample
 
 
 def _blobs(n: int = 3000, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -63,13 +65,28 @@ def test_level_one_trains_on_an_explicit_capped_sample():
     assert len(training_rows(150, params)) == 150
 
 
-def test_cluster_means_is_one_lloyd_update_and_keeps_empty_clusters():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 6)).astype(np.float32)
-    labels = rng.integers(0, 12, size=500)
-    labels[labels == 4] = 5  # cluster 4 has no points
-    centroids = rng.normal(size=(12, 6)).astype(np.float32)
-    moved = cluster_means(x, labels, centroids)
-    for j in range(12):
-        expected = centroids[j] if j == 4 else x[labels == j].mean(axis=0)
-        np.testing.assert_allclose(moved[j], expected, atol=1e-6)
+def _zipf_mixture(components: int, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points of well-separated Gaussians whose sizes follow a Zipf law, and their component."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(components, d))
+    weights = 1.0 / np.arange(1, components + 1)
+    component = np.repeat(np.arange(components), np.maximum(1, np.round(n * weights / weights.sum())).astype(int))
+    x = centres[component] + 0.35 * rng.normal(size=(len(component), d))
+    return x.astype(np.float32), component
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_resampling_steps_spread_level1_clusters_over_the_support(seed):
+    # Vo et al. §4: resampling moves centroids from the density toward a uniform cover, so an
+    # equal pick per level-1 cluster covers the mixture's components more evenly than plain
+    # k-means (whose centroids crowd the big components). Warm-started steps did not move at all.
+    x, component = _zipf_mixture(100, 10000, 16, seed)
+
+    def balance(steps: int) -> float:
+        params = KMeansParams(levels=(LevelSpec(100, steps),), seed=seed)
+        labels = assign(x, fit_hierarchy(x, params).centroids[0])[0]
+        pick = balanced_sample(labels[:, None], len(x) // 10, seed)
+        return normalized_entropy(component[pick], 100)
+
+    plain, resampled = balance(0), balance(3)
+    assert resampled >= 0.95 and resampled >= plain + 0.02, (plain, resampled)
