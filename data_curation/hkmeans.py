@@ -144,6 +144,8 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
     for _ in range(spec.resampling_steps):
         labels, dist = assign(x, centroids)
         near = x[closest_per_cluster(labels, dist, per_cluster)]
+        if len(near) < k:  # most clusters are empty (fewer distinct points than k): nothing to spread
+            break
         centroids = _lloyd(near, _seed(near, k, params, rng), params.resample_iterations, int(rng.integers(2**31)))
     return centroids
 

@@ -90,3 +90,12 @@ def test_resampling_steps_spread_level1_clusters_over_the_support(seed):
 
     plain, resampled = balance(0), balance(3)
     assert resampled >= 0.95 and resampled >= plain + 0.02, (plain, resampled)
+
+
+def test_fewer_distinct_points_than_clusters_still_fit():
+    # Identical embeddings (a pool of blank images) leave one non-empty cluster: a resampling step
+    # would keep fewer points than clusters, which faiss refuses; the level keeps its k centroids.
+    x = np.ones((50, 8), dtype=np.float32)
+    hierarchy = fit_hierarchy(x, KMeansParams(levels=(LevelSpec(20, 3), LevelSpec(4, 2)), seed=0))
+    assert [c.shape for c in hierarchy.centroids] == [(20, 8), (4, 8)]
+    assert (assign(x, hierarchy.centroids[0])[1] < 1e-6).all()
