@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,10 @@ class CurateStage(Stage):
         reasons = np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)
         accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
         n = meta.num_rows
+        if len(accepted_rows) == 0:
+            counts = Counter(reasons.tolist())
+            raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; rejected: "
+                             + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())))
 
         dedup = self._dedup(cfg, chunks, meta, accepted_rows)
         kept_rows = accepted_rows[dedup.kept]

@@ -101,6 +101,21 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     assert (tmp_path / "curate" / "stats.json").exists()
 
 
+def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(ray_session, tmp_path):
+    pool = tmp_path / "only-bad"
+    pool.mkdir()
+    for reason, (ext, data) in bad_files().items():
+        (pool / f"bad-{reason}.{ext}").write_bytes(data)
+    section = CurateConfig.model_validate({"sources": [str(pool)], "decode": {"max_pixels": 5_000_000}})
+    with pytest.raises(ValueError) as caught:
+        CurateStage().run(_context(tmp_path, section))
+    message = str(caught.value)
+    assert "\n" not in message and str(pool) in message
+    assert f"none of the {len(bad_files())} images" in message
+    for reason in bad_files():
+        assert f"{reason} 1" in message
+
+
 def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):
     section = _section(mixed_pool)
     with pytest.raises(KeyboardInterrupt):
