@@ -73,6 +73,8 @@ def iter_source(source: str, storage: Storage | None = None, *, sniff: bool = Tr
         yield from _iter_tar(source, storage)
     else:
         if not storage.isdir(source):
+            if not storage.exists(source):
+                raise SourceError(f"source {source} does not exist")
             raise SourceError(f"source {source} is neither a folder, a .tar, nor a .parquet/.csv list of URIs")
         yield from _iter_folder(source, storage, sniff)
 

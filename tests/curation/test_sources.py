@@ -57,8 +57,11 @@ def test_missing_files_come_back_as_errors_not_raises(tmp_path):
 
 
 def test_a_source_that_does_not_exist_names_itself(tmp_path):
-    with pytest.raises(SourceError, match="nowhere"):
+    with pytest.raises(SourceError, match="nowhere does not exist"):
         list(iter_source(str(tmp_path / "nowhere")))
+    (tmp_path / "one.png").write_bytes(PNG)
+    with pytest.raises(SourceError, match="one.png is neither a folder"):
+        list(iter_source(str(tmp_path / "one.png")))
 
 
 def test_s3_prefix_source_on_the_real_server(s3):
