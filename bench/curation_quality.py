@@ -70,13 +70,25 @@ def pair_scores(groups: np.ndarray, families: np.ndarray) -> tuple[float, float]
     return hit / max(len(truth), 1), hit / max(len(predicted), 1)
 
 
-def curated_sample(emb: np.ndarray, params: KMeansParams, sample, count: int, seed: int,
-                   weighting: str | None = None) -> np.ndarray:
-    """Rows of one balanced sample as the curate stage draws it: hierarchy and sample under ``seed``."""
+def fit_tree(emb: np.ndarray, params: KMeansParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The curate stage's hierarchy under ``seed``: (N, levels) cluster ids and each row's
+    squared distance to its level-1 centroid."""
     hierarchy = fit_hierarchy(emb, dataclasses.replace(params, seed=seed))
     level1, distance = assign(emb, hierarchy.centroids[0])
-    return balanced_sample(hierarchy.levels_of(level1), count, seed, leaf_pick=sample.leaf_pick,
-                           distance=distance, weighting=weighting or sample.weighting)
+    return hierarchy.levels_of(level1), distance
+
+
+def draw(tree: np.ndarray, distance: np.ndarray, sample, count: int, seed: int,
+         weighting: str | None = None) -> np.ndarray:
+    """Rows of one balanced sample of ``tree`` as the curate stage draws it."""
+    return balanced_sample(tree, count, seed, leaf_pick=sample.leaf_pick, distance=distance,
+                           weighting=weighting or sample.weighting)
+
+
+def redrawn_balance(emb: np.ndarray, params: KMeansParams, sample, count: int, seed: int,
+                    classes: np.ndarray, n_classes: int) -> float:
+    """Class balance of a sample from a hierarchy fitted anew, both under ``seed``."""
+    return normalized_entropy(classes[draw(*fit_tree(emb, params, seed), sample, count, seed)], n_classes)
 
 
 def run_once(seed: int, curate, kmeans_repeats: int, work: Path) -> dict:
@@ -98,24 +110,25 @@ def run_once(seed: int, curate, kmeans_repeats: int, work: Path) -> dict:
     emb = rows["embedding"][acc][kept]
     params = kmeans_params(curate.cluster, seed)
     count = resolve_target(curate.sample.target, len(kept))
-    curated = curated_sample(emb, params, curate.sample, count, seed)
+    tree, distance = fit_tree(emb, params, seed)
+    curated = draw(tree, distance, curate.sample, count, seed)
     other_weighting = "leaves" if curate.sample.weighting == "equal" else "equal"
-    other = curated_sample(emb, params, curate.sample, count, seed, other_weighting)
+    other = draw(tree, distance, curate.sample, count, seed, other_weighting)
     rng = np.random.default_rng(seed)
     random_pick = rng.choice(len(kept), size=count, replace=False)
     kept_classes = classes[kept]
     # Other k-means/sampling seeds on the same pool: 1000 apart, never another pool's seed.
-    draws = [normalized_entropy(kept_classes[curated_sample(emb, params, curate.sample, count, seed + 1000 * r)],
-                                n_classes) for r in range(1, kmeans_repeats + 1)]
-    draws.insert(0, normalized_entropy(kept_classes[curated], n_classes))
+    draws = [normalized_entropy(kept_classes[curated], n_classes)] + [
+        redrawn_balance(emb, params, curate.sample, count, seed + 1000 * r, kept_classes, n_classes)
+        for r in range(1, kmeans_repeats + 1)]
     # A diagnostic, not curation: the same clustering and sampling with each image's hidden class
     # joined to its embedding (a one-hot far larger than the embedding's spread). What this
     # reaches is the most a better embedder could give with this hierarchy and target.
     names = sorted(set(kept_classes))
     one_hot = np.eye(len(names), dtype=np.float32)[[names.index(c) for c in kept_classes]]
     with_class = np.concatenate([emb, 3.0 * one_hot], axis=1)
-    bound = [normalized_entropy(kept_classes[curated_sample(with_class, params, curate.sample, count, seed + 1000 * r)],
-                                n_classes) for r in range(kmeans_repeats + 1)]
+    bound = [redrawn_balance(with_class, params, curate.sample, count, seed + 1000 * r, kept_classes, n_classes)
+             for r in range(kmeans_repeats + 1)]
     return {
         "seed": seed,
         "pool_images": len(uris),

@@ -4,9 +4,10 @@ Shards of 256x256 JPEG photo crops are written, then:
 - 1 worker, paired chunks: the reader (ShardDataset decoding to RGB, in the main process)
   yields a chunk of samples, then the baseline, a bare loop of the reader's own decode
   (``Image.open(bytes).convert('RGB')``), decodes the same images (their bytes held in
-  memory) in the same order; chunk after chunk through whole epochs. Each pair runs within a fraction of a second, so a change of
-  load on a shared machine hits both sides alike; the ratio is summed time over summed
-  time, on the wall clock and on process CPU time, with the spread of the per-chunk ratios;
+  memory) in the same order; chunk after chunk through whole epochs. Each pair runs within
+  a fraction of a second, so a change of load on a shared machine hits both sides alike;
+  the ratio is summed time over summed time, on the wall clock and on process CPU time,
+  with the spread of the per-chunk ratios;
 - 2 workers: a torch DataLoader with 2 persistent worker processes (batches are counted
   inside the workers, so only the count crosses processes; the first pass, which starts the
   workers, is reported apart), whole epochs interleaved with whole baseline epochs;

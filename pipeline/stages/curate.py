@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +123,10 @@ class CurateStage(Stage):
         reasons = np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)
         accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
         n = meta.num_rows
+        rejected = {reason: int((reasons == reason).sum()) for reason in REJECT_REASONS}
         if len(accepted_rows) == 0:
-            counts = Counter(reasons.tolist())
             raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; rejected: "
-                             + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())))
+                             + ", ".join(f"{reason} {count}" for reason, count in rejected.items() if count))
 
         dedup = self._dedup(cfg, chunks, meta, accepted_rows)
         kept_rows = accepted_rows[dedup.kept]
@@ -170,8 +169,7 @@ class CurateStage(Stage):
             "balance_before": normalized_entropy(top, len(np.unique(top))),
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
-        for reason in REJECT_REASONS:
-            metrics[f"rejected_{reason}"] = float((reasons == reason).sum())
+        metrics.update({f"rejected_{reason}": float(count) for reason, count in rejected.items()})
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
