@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -198,11 +199,13 @@ class Engine:
     def _run_stage(self, stage: Stage, run: dict[str, Any], parent: str, cache_dir: Path,
                    fresh: bool) -> dict[str, float]:
         name, fp = stage.name, self.fingerprints[stage.name]
+        stage_cache = cache_dir / run["run_id"][:12] / name
         previous = self.rundir.success(name) or self.rundir.attempt(name) or {}
         if fresh or (previous and previous.get("fingerprint") != fp):
             why = "--force" if fresh else "its config changed"
             self.log(f"[{name}] starting from scratch ({why})")
             self.rundir.clear_stage(name)
+            shutil.rmtree(stage_cache, ignore_errors=True)  # local copies of what was just cleared
         else:
             self.rundir.invalidate(name)
         mlf = run["mlflow"]
@@ -217,7 +220,7 @@ class Engine:
         ctx = StageContext(
             name=name, config=self.config, section=getattr(self.config, name), run_dir=self.rundir.uri,
             dir=self.rundir.stage_dir(name), work_dir=self.rundir.work_dir(name),
-            cache_dir=cache_dir / run["run_id"][:12] / name, storage=self.storage,
+            cache_dir=stage_cache, storage=self.storage,
             tracker=self.tracking.tracker(run_id),
             upstream_dirs={r: self.rundir.stage_dir(r) for r in stage.requires})
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)

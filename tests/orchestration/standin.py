@@ -71,6 +71,8 @@ class StepStage(Stage):
             ctx.storage.write_json(piece, {"i": i})
             pieces_done += 1
         ctx.log(f"wrote {pieces_done} new pieces")
+        with open(ctx.cache_dir / "values.log", "a") as seen:  # a local cache entry, as curate keeps chunk copies
+            seen.write(f"{ctx.section.value}\n")
         runs = ctx.storage.join(ctx.dir, "runs.log")
         count = len(ctx.storage.read_text(runs).splitlines()) if ctx.storage.exists(runs) else 0
         ctx.storage.write_text(runs, "x\n" * (count + 1))

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from orchestration.engine import EngineError, StageFailed
 from orchestration.ray_runtime import RayError
 from orchestration.tracking import TrackingError
-from pipeline.config.core import MlflowConfig
+from pipeline.config.core import MlflowConfig, RunConfig
 from tests.orchestration.standin import StandinConfig, StepConfig, make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,13 +52,15 @@ def test_stages_run_in_order_then_a_rerun_is_a_noop(tmp_path, mlflow_uri, ray_se
 
 
 def test_changed_section_reruns_exactly_that_stage_and_downstream(tmp_path, mlflow_uri, ray_session):
-    run_dir = tmp_path / "run"
-    make_engine(cfg(mlflow_uri), str(run_dir)).run()
-    engine = make_engine(cfg(mlflow_uri, b=StepConfig(value=3)), str(run_dir))
+    run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
+    make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()
+    engine = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(value=3)), str(run_dir))
     assert [s.state for s in engine.statuses()] == ["done", "stale", "stale"]
     result = engine.run()
     assert result.ran == ["b", "c"] and result.skipped == ["a"]
     assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]  # b, c started from scratch: new folder
+    [b_cache] = (tmp_path / "cache").glob("*/b/values.log")
+    assert b_cache.read_text() == "3\n"  # and so did b's local cache
     assert json.loads((run_dir / "c" / "out.json").read_text())["total"] == 1 + 9 + 1
 
 
