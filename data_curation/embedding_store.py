@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,12 @@ class ChunkStore:
         buf = io.BytesIO()
         pq.write_table(meta_table(rows), buf)
         self.storage.write_bytes(f"{base}.parquet", buf.getvalue())
+
+    def clear(self) -> None:
+        """Remove every chunk and its local copies."""
+        self.storage.rm(self.root, recursive=True)
+        if self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _local(self, uri: str) -> str:
         if not Storage.is_remote(uri):

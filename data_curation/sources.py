@@ -13,6 +13,10 @@ A source is one URI string:
 Listing is a generator: nothing holds the whole pool's names at once. A tar member's URI
 is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads members of the
 same tar from one open handle.
+
+Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
+fatal: blank rows of a URI list, and tars that cannot be read to their end (truncated,
+a garbled header, not a tar at all), whose members before the break are still listed.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import posixpath
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from data_curation.storage import Storage
 
@@ -33,6 +38,32 @@ _SNIFF_BYTES = 16
 
 class SourceError(ValueError):
     """A source URI that cannot be listed; the message names it."""
+
+
+@dataclass
+class ListingProblems:
+    """What listing skipped: blank rows of URI lists (counted) and broken tars (one line each)."""
+
+    blank_rows: int = 0
+    broken_tars: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        blank = [f"{self.blank_rows} blank rows in URI lists"] if self.blank_rows else []
+        return blank + self.broken_tars
+
+
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Marks its TarFile once a header read meets the end-of-archive zero block: past the
+    first member, tarfile ends quietly on a truncated or garbled header, and this is how
+    listing tells a complete archive from one that stops early."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.vfm_reached_end = True
+            raise
 
 
 def has_image_extension(name: str) -> bool:
@@ -59,40 +90,42 @@ def split_tar_member_uri(uri: str) -> tuple[str, str] | None:
 
 
 def iter_source(source: str, storage: Storage | None = None, *, sniff: bool = True,
-                uri_column: str = "uri") -> Iterator[str]:
-    """Yield the image URIs of one source, in a stable order (sorted per folder)."""
+                uri_column: str = "uri", problems: ListingProblems | None = None) -> Iterator[str]:
+    """Yield the image URIs of one source, in a stable order (sorted per folder); what is
+    skipped goes to ``problems``."""
     storage = storage or Storage()
+    problems = ListingProblems() if problems is None else problems
     lower = source.lower()
     if lower.endswith(".parquet") or lower.endswith(".csv"):
         if not storage.exists(source):
             raise SourceError(f"source list {source} does not exist")
-        yield from _iter_uri_list(source, storage, uri_column)
+        yield from _iter_uri_list(source, storage, uri_column, problems)
     elif lower.endswith(".tar"):
         if not storage.exists(source):
             raise SourceError(f"source tar {source} does not exist")
-        yield from _iter_tar(source, storage)
+        yield from _iter_tar(source, storage, problems)
     else:
         if not storage.isdir(source):
             if not storage.exists(source):
                 raise SourceError(f"source {source} does not exist")
             raise SourceError(f"source {source} is neither a folder, a .tar, nor a .parquet/.csv list of URIs")
-        yield from _iter_folder(source, storage, sniff)
+        yield from _iter_folder(source, storage, sniff, problems)
 
 
 def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
-                 uri_column: str = "uri") -> Iterator[str]:
+                 uri_column: str = "uri", problems: ListingProblems | None = None) -> Iterator[str]:
     storage = storage or Storage()
     for source in sources:
-        yield from iter_source(source, storage, sniff=sniff, uri_column=uri_column)
+        yield from iter_source(source, storage, sniff=sniff, uri_column=uri_column, problems=problems)
 
 
-def _iter_folder(root: str, storage: Storage, sniff: bool) -> Iterator[str]:
+def _iter_folder(root: str, storage: Storage, sniff: bool, problems: ListingProblems) -> Iterator[str]:
     for uri in storage.walk_files(root):
         name = posixpath.basename(uri)
         if name.startswith("."):
             continue
         if name.lower().endswith(".tar"):
-            yield from _iter_tar(uri, storage)
+            yield from _iter_tar(uri, storage, problems)
         elif has_image_extension(name):
             yield uri
         elif sniff and _sniff(uri, storage):
@@ -107,14 +140,23 @@ def _sniff(uri: str, storage: Storage) -> bool:
         return False  # unreadable and nameless: not recognisably an image, so not listed
 
 
-def _iter_tar(tar_uri: str, storage: Storage) -> Iterator[str]:
-    with storage.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile() and has_image_extension(member.name):
-                yield tar_member_uri(tar_uri, member.name)
+def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iterator[str]:
+    listed = 0
+    try:
+        with storage.open(tar_uri, "rb") as f, \
+                tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
+            for member in tar:
+                if member.isfile() and has_image_extension(member.name):
+                    listed += 1
+                    yield tar_member_uri(tar_uri, member.name)
+            if not getattr(tar, "vfm_reached_end", False):
+                problems.broken_tars.append(f"tar {tar_uri} ends early (truncated or a garbled header): "
+                                            f"{listed} images listed before the break")
+    except (tarfile.TarError, EOFError) as exc:  # a bad archive; an I/O error (OSError) stops the listing
+        problems.broken_tars.append(f"tar {tar_uri} cannot be read past {listed} images: {exc}")
 
 
-def _iter_uri_list(list_uri: str, storage: Storage, column: str) -> Iterator[str]:
+def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: ListingProblems) -> Iterator[str]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -132,8 +174,10 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str) -> Iterator[str
             batches = reader
         for batch in batches:
             for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
-                if value:
-                    yield _resolve(base, str(value))
+                if value is None or not str(value).strip():
+                    problems.blank_rows += 1
+                else:
+                    yield _resolve(base, str(value).strip())
 
 
 def _resolve(base: str, uri: str) -> str:

@@ -28,7 +28,7 @@ from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape, scan_uris
-from data_curation.sources import iter_sources
+from data_curation.sources import ListingProblems, iter_sources
 from data_curation.storage import Storage
 from orchestration.stage import Resources, Stage, StageContext
 from pipeline.stages.curate_ray import assign_chunks, embed_chunks
@@ -54,13 +54,16 @@ def demo_pool_dir(ctx: StageContext) -> Path:
 
 
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
-                  uri_column: str) -> dict[int, int]:
+                  uri_column: str) -> tuple[dict[int, int], ListingProblems]:
     """Stream the sources into listing chunks (Parquet: chunk, row, uri) under ``root``;
-    reuses a finished listing. Returns rows per chunk."""
+    reuses a finished listing that found images. Returns rows per chunk and what listing skipped."""
     done_uri = Storage.join(root, _LISTING_DONE)
-    if storage.exists(done_uri):
-        return {int(k): int(v) for k, v in storage.read_json(done_uri)["rows"].items()}
+    done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
+    if done.get("rows"):
+        return ({int(k): int(v) for k, v in done["rows"].items()},
+                ListingProblems(done.get("blank_rows", 0), done.get("broken_tars", [])))
     rows: dict[int, int] = {}
+    problems = ListingProblems()
     batch: list[str] = []
 
     def flush() -> None:
@@ -73,14 +76,24 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         rows[index] = len(batch)
         batch.clear()
 
-    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column):
+    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems):
         batch.append(uri)
         if len(batch) == chunk_size:
             flush()
     if batch:
         flush()
-    storage.write_json(done_uri, {"rows": rows})
-    return rows
+    if rows:  # an empty listing is not kept: the next attempt lists the sources again, once they are fixed
+        storage.write_json(done_uri, {"rows": rows, "blank_rows": problems.blank_rows,
+                                      "broken_tars": problems.broken_tars})
+    return rows, problems
+
+
+def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:
+    lines = problems.lines()
+    for line in lines[:shown]:
+        ctx.log(f"{prefix}skipped: {line}")
+    if len(lines) > shown:
+        ctx.log(f"{prefix}skipped: ... and {len(lines) - shown} more (curate/stats.json lists them all)")
 
 
 class CurateStage(Stage):
@@ -103,8 +116,9 @@ class CurateStage(Stage):
         limits = DecodeLimits(cfg.decode.max_pixels, cfg.decode.min_side, cfg.decode.max_aspect)
 
         listing_root = Storage.join(ctx.work_dir, "listing")
-        rows_per_chunk = write_listing(sources, listing_root, storage, cfg.embed.chunk_size, cfg.sniff,
-                                       cfg.uri_column)
+        rows_per_chunk, problems = write_listing(sources, listing_root, storage, cfg.embed.chunk_size, cfg.sniff,
+                                                 cfg.uri_column)
+        _log_problems(ctx, problems)
         store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "embeddings")
         todo = sorted(set(rows_per_chunk) - store.done())
         ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed")
@@ -119,12 +133,15 @@ class CurateStage(Stage):
         chunks = store.read_all(sorted(rows_per_chunk))
         meta = pa.concat_tables([c.meta for c in chunks]) if chunks else None
         if meta is None or meta.num_rows == 0:
-            raise ValueError(f"no images found in curate.sources {cfg.sources}")
+            skipped = "; ".join(problems.lines())
+            raise ValueError(f"no images found in curate.sources {cfg.sources}" + (f" ({skipped})" if skipped else ""))
         reasons = np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)
         accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
         n = meta.num_rows
         rejected = {reason: int((reasons == reason).sum()) for reason in REJECT_REASONS}
-        if len(accepted_rows) == 0:
+        if len(accepted_rows) == 0:  # nothing worth keeping: the next attempt reads the fixed sources anew
+            store.clear()
+            storage.rm(listing_root, recursive=True)
             raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; rejected: "
                              + ", ".join(f"{reason} {count}" for reason, count in rejected.items() if count))
 
@@ -139,7 +156,7 @@ class CurateStage(Stage):
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)
         selected_by[kept_rows[picked]] = "balanced"
-        retrieved = self._retrieve(cfg, storage, limits, chunks, dedup.kept)
+        retrieved = self._retrieve(cfg, ctx, limits, chunks, dedup.kept)
         fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
         selected_by[fresh] = "retrieval"
 
@@ -170,6 +187,8 @@ class CurateStage(Stage):
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
         metrics.update({f"rejected_{reason}": float(count) for reason, count in rejected.items()})
+        metrics.update({"listing_blank_rows": float(problems.blank_rows),
+                        "listing_broken_tars": float(len(problems.broken_tars))})
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
@@ -178,7 +197,7 @@ class CurateStage(Stage):
         for path in plots:
             storage.put_file(path, Storage.join(ctx.dir, "plots", path.name))
             ctx.tracker.log_artifact(path, "plots")
-        storage.write_json(Storage.join(ctx.dir, "stats.json"), metrics)
+        storage.write_json(Storage.join(ctx.dir, "stats.json"), {**metrics, "listing_problems": problems.lines()})
         ctx.log(f"selected {int(metrics['selected'])} of {n}; balance of top clusters "
                 f"{metrics['balance_before']:.3f} -> {metrics['balance_after']:.3f}")
         return metrics
@@ -209,13 +228,16 @@ class CurateStage(Stage):
         return hierarchy, labels, distance
 
     @staticmethod
-    def _retrieve(cfg, storage: Storage, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray) -> np.ndarray:
+    def _retrieve(cfg, ctx: StageContext, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray) -> np.ndarray:
         """Positions among kept rows of the k nearest pool images of each seed image."""
         if not cfg.retrieval.seeds:
             return np.zeros(0, dtype=np.int64)
         embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
-        seeds = scan_uris(list(iter_sources(cfg.retrieval.seeds, storage, sniff=cfg.sniff,
-                                            uri_column=cfg.uri_column)), embedder, limits, storage)
+        problems = ListingProblems()
+        uris = list(iter_sources(cfg.retrieval.seeds, ctx.storage, sniff=cfg.sniff, uri_column=cfg.uri_column,
+                                 problems=problems))
+        _log_problems(ctx, problems, "retrieval seeds: ")
+        seeds = scan_uris(uris, embedder, limits, ctx.storage)
         pool = np.concatenate([np.asarray(c.embedding) for c in chunks])[kept]
         return retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
 

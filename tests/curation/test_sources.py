@@ -6,7 +6,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from data_curation.sources import SourceError, iter_source, iter_sources, read_many, split_tar_member_uri
+from data_curation.sources import (
+    ListingProblems,
+    SourceError,
+    iter_source,
+    iter_sources,
+    read_many,
+    split_tar_member_uri,
+)
 from tests.curation.images import encode, rgb
 
 PNG = encode(rgb(), "PNG")
@@ -48,6 +55,55 @@ def test_webdataset_tar_members_are_items_and_read_back(tmp_path):
     assert [split_tar_member_uri(u)[1] for u in uris] == ["k1.png", "k2.jpg"]
     assert read_many(uris) == [PNG, b"xyz"]
     assert list(iter_source(str(tmp_path))) == uris  # a folder of shards expands them too
+
+
+def _tar_of_pngs(path, count: int) -> list[int]:
+    """A tar of ``count`` PNG members; returns each member's header offset."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            info = tarfile.TarInfo(f"k{i}.png")
+            info.size = len(PNG)
+            tar.addfile(info, io.BytesIO(PNG))
+    with tarfile.open(path) as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+@pytest.mark.parametrize("damage, listed", [
+    ("cut inside the third header", 2),
+    ("cut inside the third member's data", 3),
+    ("garbled third header", 2),
+    ("cut at the third header", 2),
+    ("empty file", 0),
+    ("not a tar", 0),
+])
+def test_a_broken_tar_keeps_the_members_before_the_break_and_is_reported(tmp_path, damage, listed):
+    shard = tmp_path / "shard.tar"
+    offsets = _tar_of_pngs(shard, 4)
+    data = shard.read_bytes()
+    third = offsets[2]
+    data = {"cut inside the third header": data[:third + 100],
+            "cut inside the third member's data": data[:third + 512 + 40],
+            "garbled third header": data[:third] + b"x" * 512 + data[third + 512:],
+            "cut at the third header": data[:third],
+            "empty file": b"",
+            "not a tar": b"this is not a tar archive\n" * 40}[damage]
+    shard.write_bytes(data)
+    whole = tmp_path / "whole.tar"
+    _tar_of_pngs(whole, 2)
+    problems = ListingProblems()
+    uris = list(iter_sources([str(shard), str(whole)], problems=problems))
+    assert [split_tar_member_uri(u) for u in uris] == (
+        [(str(shard), f"k{i}.png") for i in range(listed)] + [(str(whole), f"k{i}.png") for i in range(2)])
+    assert len(problems.broken_tars) == 1 and str(shard) in problems.broken_tars[0]
+    assert problems.lines() == problems.broken_tars  # the complete tar is not reported
+
+
+def test_blank_rows_of_a_uri_list_are_skipped_and_counted(tmp_path):
+    (tmp_path / "x.png").write_bytes(PNG)
+    pq.write_table(pa.table({"uri": [str(tmp_path / "x.png"), None, "", "  "]}), tmp_path / "list.parquet")
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.parquet"), problems=problems)) == [str(tmp_path / "x.png")]
+    assert problems.blank_rows == 3 and problems.lines() == ["3 blank rows in URI lists"]
 
 
 def test_missing_files_come_back_as_errors_not_raises(tmp_path):

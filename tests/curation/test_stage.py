@@ -1,7 +1,10 @@
 """The curate stage on a real local Ray: mixed bad pool, manifest schema, resume after a kill."""
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,7 +39,8 @@ def _context(root: Path, section: CurateConfig, cls=StageContext) -> StageContex
 
 @pytest.fixture(scope="module")
 def mixed_pool(tmp_path_factory) -> Path:
-    """40 digits, an exact copy, every bad kind, every odd kind; 2 seed images apart."""
+    """40 digits, an exact copy, every bad kind, every odd kind, a tar cut short after 2 digits;
+    2 seed images apart."""
     root = tmp_path_factory.mktemp("pool")
     pool = root / "pool"
     (pool / "sub").mkdir(parents=True)
@@ -49,6 +53,15 @@ def mixed_pool(tmp_path_factory) -> Path:
         (pool / f"bad-{reason}.{ext}").write_bytes(data)
     for kind, (ext, data) in odd_files().items():
         (pool / f"odd-{kind}.{ext}").write_bytes(data)
+    with tarfile.open(pool / "cut.tar", "w") as tar:  # 3 digits, cut inside the third header
+        for i in (42, 43, 44):
+            data = encode(Image.fromarray(np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))), "PNG")
+            info = tarfile.TarInfo(f"t{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(pool / "cut.tar") as tar:
+        third = tar.getmembers()[2].offset
+    (pool / "cut.tar").write_bytes((pool / "cut.tar").read_bytes()[:third + 100])
     seeds = root / "seeds"
     seeds.mkdir()
     for i in (40, 41):
@@ -73,12 +86,16 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     metrics = CurateStage().run(ctx)
     manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet").to_pandas()
     n_bad, n_odd = len(bad_files()), len(odd_files())
-    assert len(manifest) == metrics["inputs"] == 40 + 1 + n_bad + n_odd
+    assert len(manifest) == metrics["inputs"] == 40 + 1 + n_bad + n_odd + 2
     for reason in bad_files():
         rows = manifest[manifest.uri.str.contains(f"bad-{reason}")]
         assert rows.reject_reason.tolist() == [reason]
         assert metrics[f"rejected_{reason}"] == 1
-    assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd
+    assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd + 2
+    assert manifest[manifest.uri.str.contains("cut.tar")].reject_reason.isna().sum() == 2
+    assert metrics["listing_broken_tars"] == 1 and metrics["listing_blank_rows"] == 0
+    stats = json.loads((tmp_path / "curate" / "stats.json").read_text())
+    assert len(stats["listing_problems"]) == 1 and "cut.tar ends early" in stats["listing_problems"][0]
     assert manifest[manifest.uri.str.contains("odd-")].reject_reason.isna().all()
     assert set(manifest.columns) >= {"id", "uri", "sha256", "width", "height", "reject_reason", "dup_group",
                                      "dup_kept", "dup_kind", "cluster_l1", "cluster_l2", "selected",
@@ -98,7 +115,6 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     for _, row in selected.iterrows():  # the shard stage re-reads the bytes and checks them
         assert Storage().read_bytes(row.uri) and row.sha256 == row.id
     assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
-    assert (tmp_path / "curate" / "stats.json").exists()
 
 
 def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(ray_session, tmp_path):
@@ -114,6 +130,20 @@ def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(
     assert f"none of the {len(bad_files())} images" in message
     for reason in bad_files():
         assert f"{reason} 1" in message
+    work = tmp_path / "curate" / "_work"  # emptied, so a resume after fixing the files reads them anew
+    assert not (work / "listing").exists() and not (work / "embeddings").exists()
+
+
+def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, mixed_pool, tmp_path):
+    pool = tmp_path / "later"
+    pool.mkdir()
+    section = CurateConfig.model_validate({"sources": [str(pool)], "sample": {"target": 0.5},
+                                           "cluster": {"levels": [{"k": 4}, {"k": 2}]}})
+    with pytest.raises(ValueError, match="no images found in curate.sources"):
+        CurateStage().run(_context(tmp_path, section))
+    for i in range(12):
+        (pool / f"d{i}.png").write_bytes((mixed_pool / "pool" / f"d{2 * i:02d}.png").read_bytes())
+    assert CurateStage().run(_context(tmp_path, section))["inputs"] == 12  # the same run dir, resumed
 
 
 def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):
