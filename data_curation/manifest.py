@@ -54,4 +54,4 @@ def normalized_entropy(labels: np.ndarray, n_classes: int | None = None) -> floa
     if k <= 1 or counts.sum() == 0:
         return 1.0
     p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(k))
+    return float(-(p * np.log(p)).sum() / np.log(k)) + 0.0  # + 0.0: one label gives 0.0, not -0.0

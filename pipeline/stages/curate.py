@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape, scan_uris
-from data_curation.sources import ListingProblems, iter_sources
+from data_curation.sources import ListingProblems, SourceError, iter_sources
 from data_curation.storage import Storage
 from orchestration.stage import Resources, Stage, StageContext
 from pipeline.stages.curate_ray import assign_chunks, embed_chunks
@@ -96,6 +98,19 @@ def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = ""
         ctx.log(f"{prefix}skipped: ... and {len(lines) - shown} more (curate/stats.json lists them all)")
 
 
+def _embedding_progress(ctx: StageContext, rows: dict[int, int]) -> Callable[[int], None]:
+    """A progress line per finished chunk: chunks and images done, rate, time left."""
+    start, total, done = time.monotonic(), sum(rows.values()), []
+
+    def on_chunk(index: int) -> None:
+        done.append(rows[index])
+        images = sum(done)
+        rate = images / max(time.monotonic() - start, 1e-6)
+        ctx.log(f"embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{total} images, "
+                f"{rate:.0f} images/s, about {(total - images) / max(rate, 1e-6):.0f} s left")
+    return on_chunk
+
+
 class CurateStage(Stage):
     name = "curate"
     format_version = 1
@@ -116,9 +131,13 @@ class CurateStage(Stage):
         limits = DecodeLimits(cfg.decode.max_pixels, cfg.decode.min_side, cfg.decode.max_aspect)
 
         listing_root = Storage.join(ctx.work_dir, "listing")
-        rows_per_chunk, problems = write_listing(sources, listing_root, storage, cfg.embed.chunk_size, cfg.sniff,
-                                                 cfg.uri_column)
+        try:
+            rows_per_chunk, problems = write_listing(sources, listing_root, storage, cfg.embed.chunk_size,
+                                                     cfg.sniff, cfg.uri_column)
+        except SourceError as exc:
+            raise SourceError(f"curate.sources: {exc}") from None
         _log_problems(ctx, problems)
+        seed_uris = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
         store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "embeddings")
         todo = sorted(set(rows_per_chunk) - store.done())
         ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed")
@@ -128,7 +147,7 @@ class CurateStage(Stage):
                      image_size=cfg.embed.image_size, prepared_shape=shape, batch_size=cfg.embed.batch_size,
                      actors=cfg.embed.actors, cpus_per_actor=cfg.embed.cpus_per_actor,
                      gpus_per_actor=cfg.embed.gpus_per_actor,
-                     on_chunk=lambda i: ctx.log(f"embedded chunk {i}"))
+                     on_chunk=_embedding_progress(ctx, {i: rows_per_chunk[i] for i in todo}))
 
         chunks = store.read_all(sorted(rows_per_chunk))
         meta = pa.concat_tables([c.meta for c in chunks]) if chunks else None
@@ -156,7 +175,7 @@ class CurateStage(Stage):
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)
         selected_by[kept_rows[picked]] = "balanced"
-        retrieved = self._retrieve(cfg, ctx, limits, chunks, dedup.kept)
+        retrieved = self._retrieve(cfg, ctx, limits, chunks, dedup.kept, seed_uris)
         fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
         selected_by[fresh] = "retrieval"
 
@@ -228,16 +247,24 @@ class CurateStage(Stage):
         return hierarchy, labels, distance
 
     @staticmethod
-    def _retrieve(cfg, ctx: StageContext, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray) -> np.ndarray:
+    def _list_seeds(cfg, ctx: StageContext) -> list[str]:
+        problems = ListingProblems()
+        try:
+            uris = list(iter_sources(cfg.retrieval.seeds, ctx.storage, sniff=cfg.sniff, uri_column=cfg.uri_column,
+                                     problems=problems))
+        except SourceError as exc:
+            raise SourceError(f"curate.retrieval.seeds: {exc}") from None
+        _log_problems(ctx, problems, "retrieval seeds: ")
+        return uris
+
+    @staticmethod
+    def _retrieve(cfg, ctx: StageContext, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray,
+                  seed_uris: list[str]) -> np.ndarray:
         """Positions among kept rows of the k nearest pool images of each seed image."""
-        if not cfg.retrieval.seeds:
+        if not seed_uris:
             return np.zeros(0, dtype=np.int64)
         embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
-        problems = ListingProblems()
-        uris = list(iter_sources(cfg.retrieval.seeds, ctx.storage, sniff=cfg.sniff, uri_column=cfg.uri_column,
-                                 problems=problems))
-        _log_problems(ctx, problems, "retrieval seeds: ")
-        seeds = scan_uris(uris, embedder, limits, ctx.storage)
+        seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
         pool = np.concatenate([np.asarray(c.embedding) for c in chunks])[kept]
         return retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
 

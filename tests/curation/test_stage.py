@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data_curation.builtin import load_builtin
+from data_curation.sources import SourceError
 from data_curation.storage import Storage
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
@@ -132,6 +133,14 @@ def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(
         assert f"{reason} 1" in message
     work = tmp_path / "curate" / "_work"  # emptied, so a resume after fixing the files reads them anew
     assert not (work / "listing").exists() and not (work / "embeddings").exists()
+
+
+def test_a_missing_seed_source_fails_naming_the_field_before_anything_is_embedded(ray_session, mixed_pool, tmp_path):
+    section = _section(mixed_pool).model_copy(deep=True)
+    section.retrieval.seeds = [str(tmp_path / "no-seeds")]
+    with pytest.raises(SourceError, match=r"^curate\.retrieval\.seeds: source .*no-seeds does not exist$"):
+        CurateStage().run(_context(tmp_path, section))
+    assert not list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*"))
 
 
 def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, mixed_pool, tmp_path):
