@@ -15,7 +15,7 @@ is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads memb
 same tar from one open handle.
 
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
-fatal: blank rows of a URI list, and tars that cannot be read to their end (truncated,
+fatal: blank or malformed rows of a URI list, and tars that cannot be read to their end (truncated,
 a garbled header, not a tar at all), whose members before the break are still listed.
 """
 from __future__ import annotations
@@ -42,14 +42,15 @@ class SourceError(ValueError):
 
 @dataclass
 class ListingProblems:
-    """What listing skipped: blank rows of URI lists (counted) and broken tars (one line each)."""
+    """What listing skipped: blank or malformed rows of URI lists (counted) and broken tars
+    (one line each)."""
 
-    blank_rows: int = 0
+    bad_rows: int = 0
     broken_tars: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        blank = [f"{self.blank_rows} blank rows in URI lists"] if self.blank_rows else []
-        return blank + self.broken_tars
+        rows = [f"{self.bad_rows} blank or malformed rows in URI lists"] if self.bad_rows else []
+        return rows + self.broken_tars
 
 
 class _EndCheckingTarInfo(tarfile.TarInfo):
@@ -157,27 +158,35 @@ def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iter
 
 
 def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: ListingProblems) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    def skip_malformed(row) -> str:
+        problems.bad_rows += 1
+        return "skip"
+
     base = list_uri.rsplit("/", 1)[0] if "/" in list_uri else "."
-    with storage.open(list_uri, "rb") as f:
-        if list_uri.lower().endswith(".parquet"):
-            pf = pq.ParquetFile(f)
-            if column not in pf.schema_arrow.names:
-                raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {pf.schema_arrow.names})")
-            batches = pf.iter_batches(columns=[column], batch_size=65536)
-        else:
-            reader = pacsv.open_csv(f)
-            if column not in reader.schema.names:
-                raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {reader.schema.names})")
-            batches = reader
-        for batch in batches:
-            for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
-                if value is None or not str(value).strip():
-                    problems.blank_rows += 1
-                else:
-                    yield _resolve(base, str(value).strip())
+    try:
+        with storage.open(list_uri, "rb") as f:
+            if list_uri.lower().endswith(".parquet"):
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                batches = pf.iter_batches(columns=[column], batch_size=65536) if column in names else None
+            else:  # URIs stay strings (a column of "0001" is not the number 1)
+                batches = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed),
+                                         convert_options=pacsv.ConvertOptions(column_types={column: pa.string()}))
+                names = batches.schema.names
+            if batches is None or column not in names:
+                raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {names})")
+            for batch in batches:
+                for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+                    if value is None or not str(value).strip():
+                        problems.bad_rows += 1
+                    else:
+                        yield _resolve(base, str(value).strip())
+    except pa.ArrowException as exc:
+        raise SourceError(f"source list {list_uri} cannot be read: {exc}") from None
 
 
 def _resolve(base: str, uri: str) -> str:

@@ -63,7 +63,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
     if done.get("rows"):
         return ({int(k): int(v) for k, v in done["rows"].items()},
-                ListingProblems(done.get("blank_rows", 0), done.get("broken_tars", [])))
+                ListingProblems(done.get("bad_rows", 0), done.get("broken_tars", [])))
     rows: dict[int, int] = {}
     problems = ListingProblems()
     batch: list[str] = []
@@ -85,7 +85,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     if batch:
         flush()
     if rows:  # an empty listing is not kept: the next attempt lists the sources again, once they are fixed
-        storage.write_json(done_uri, {"rows": rows, "blank_rows": problems.blank_rows,
+        storage.write_json(done_uri, {"rows": rows, "bad_rows": problems.bad_rows,
                                       "broken_tars": problems.broken_tars})
     return rows, problems
 
@@ -206,7 +206,7 @@ class CurateStage(Stage):
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
         metrics.update({f"rejected_{reason}": float(count) for reason, count in rejected.items()})
-        metrics.update({"listing_blank_rows": float(problems.blank_rows),
+        metrics.update({"listing_bad_rows": float(problems.bad_rows),
                         "listing_broken_tars": float(len(problems.broken_tars))})
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))

@@ -98,12 +98,25 @@ def test_a_broken_tar_keeps_the_members_before_the_break_and_is_reported(tmp_pat
     assert problems.lines() == problems.broken_tars  # the complete tar is not reported
 
 
-def test_blank_rows_of_a_uri_list_are_skipped_and_counted(tmp_path):
+def test_blank_and_malformed_rows_of_a_uri_list_are_skipped_and_counted(tmp_path):
     (tmp_path / "x.png").write_bytes(PNG)
+    (tmp_path / "0001").write_bytes(PNG)
     pq.write_table(pa.table({"uri": [str(tmp_path / "x.png"), None, "", "  "]}), tmp_path / "list.parquet")
     problems = ListingProblems()
     assert list(iter_source(str(tmp_path / "list.parquet"), problems=problems)) == [str(tmp_path / "x.png")]
-    assert problems.blank_rows == 3 and problems.lines() == ["3 blank rows in URI lists"]
+    assert problems.bad_rows == 3 and problems.lines() == ["3 blank or malformed rows in URI lists"]
+    (tmp_path / "list.csv").write_text("uri,label\nx.png,a\n0001,b\nx.png,c,extra\n,d\n")
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.csv"), problems=problems)) == [
+        str(tmp_path / "x.png"), str(tmp_path / "0001")]  # "0001" stays a name, not the number 1
+    assert problems.bad_rows == 2  # the row with a third field, the row with no URI
+
+
+@pytest.mark.parametrize("name, data", [("list.parquet", b"not parquet at all"), ("list.csv", b"uri\n\xff\xfe not utf-8\n")])
+def test_a_uri_list_that_cannot_be_parsed_names_itself(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(SourceError, match=rf"^source list {tmp_path / name} cannot be read: "):
+        list(iter_source(str(tmp_path / name)))
 
 
 def test_missing_files_come_back_as_errors_not_raises(tmp_path):

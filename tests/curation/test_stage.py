@@ -94,7 +94,7 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
         assert metrics[f"rejected_{reason}"] == 1
     assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd + 2
     assert manifest[manifest.uri.str.contains("cut.tar")].reject_reason.isna().sum() == 2
-    assert metrics["listing_broken_tars"] == 1 and metrics["listing_blank_rows"] == 0
+    assert metrics["listing_broken_tars"] == 1 and metrics["listing_bad_rows"] == 0
     stats = json.loads((tmp_path / "curate" / "stats.json").read_text())
     assert len(stats["listing_problems"]) == 1 and "cut.tar ends early" in stats["listing_problems"][0]
     assert manifest[manifest.uri.str.contains("odd-")].reject_reason.isna().all()
