@@ -106,9 +106,13 @@ class Storage:
         return sorted(self._unstrip(uri, path, n) for n in names if n.rstrip("/") != path.rstrip("/"))
 
     def walk_files(self, uri: str) -> Iterator[str]:
-        """Every file below ``uri``, recursively, as URIs, in sorted order per folder."""
+        """Every file below ``uri``, recursively, as URIs: a folder's files in sorted order,
+        then its subfolders in sorted order. Streamed: one folder's listing at a time."""
         fs, path = self.fs(uri)
-        for root, _dirs, files in self._guard(uri, "list", lambda: list(fs.walk(path))):
+        walker = fs.walk(path)
+        while (step := self._guard(uri, "list", next, walker, None)) is not None:
+            root, dirs, files = step
+            dirs.sort()  # fsspec walks the subfolders in the order of this list
             for name in sorted(files):
                 yield self._unstrip(uri, path, posixpath.join(root, name))
 

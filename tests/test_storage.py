@@ -42,6 +42,18 @@ def test_listing_and_removal(tmp_path):
     assert not storage.exists(str(tmp_path / "x")) and storage.ls(str(tmp_path / "nothing")) == []
 
 
+def test_walking_files_is_in_sorted_order_and_lists_one_folder_at_a_time(tmp_path):
+    storage = Storage()
+    names = ["b.txt", "a.txt", "sub9/z.txt", "sub1/y.txt", "sub1/deep/x.txt", "sub10/w.txt"]
+    for name in names:
+        storage.write_text(str(tmp_path / name), name)
+    walk = storage.walk_files(str(tmp_path))
+    assert next(walk) == str(tmp_path / "a.txt")
+    storage.write_text(str(tmp_path / "sub9" / "late.txt"), "written after the walk began")
+    rest = [uri[len(str(tmp_path)) + 1:] for uri in walk]
+    assert rest == ["b.txt", "sub1/y.txt", "sub1/deep/x.txt", "sub10/w.txt", "sub9/late.txt", "sub9/z.txt"]
+
+
 def test_s3_round_trip_listing_and_tar_members(s3):
     storage = s3.storage
     storage.write_json(s3.uri("p/q.json"), {"k": [1, 2]})
