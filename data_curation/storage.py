@@ -184,6 +184,19 @@ class Storage:
 
         self._replace_local(uri, copy)
 
+    def put_tree(self, local_dir: str | Path, uri: str) -> None:
+        """Copy every file below ``local_dir`` to the same relative paths under ``uri``."""
+        root = Path(local_dir)
+        if _is_remote(uri):  # one batched, concurrent upload
+            fs, path = self.fs(uri)
+            files = sorted(str(f) for f in root.rglob("*") if f.is_file())
+            targets = [posixpath.join(path, Path(f).relative_to(root).as_posix()) for f in files]
+            self._guard(uri, "upload", fs.put, files, targets)
+            return
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                self.put_file(f, self.join(uri, f.relative_to(root).as_posix()))
+
     def makedirs(self, uri: str) -> None:
         if not _is_remote(uri):
             Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)

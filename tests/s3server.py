@@ -64,7 +64,10 @@ class SeaweedS3:
         self.config_path = self.root / "s3.json"
         self.config_path.write_text(json.dumps(ids))
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        # A restart late in a test session reloads every bucket's volumes and re-elects the raft
+        # leader before the volume server registers; on a loaded 2-core machine that once took
+        # over 60 s (tests/shards/test_s3.py), so the deadline is generous.
         p = self.ports
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
                f"-master.port={p['master']}", "-master.volumeSizeLimitMB=64", f"-volume.port={p['volume']}",

@@ -1,6 +1,7 @@
 """The `vfm` command as a user runs it: real stages, real local Ray, real MLflow sqlite store, real S3."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -22,8 +23,8 @@ def vfm(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float
                           capture_output=True, text=True, timeout=timeout)
 
 
-def status(run_dir: Path, cwd: Path) -> dict[str, str]:
-    out = vfm("status", str(run_dir), "--json", cwd=cwd)
+def status(run_dir: Path | str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    out = vfm("status", str(run_dir), "--json", cwd=cwd, env=env)
     assert out.returncode == 0, out.stderr
     return {s["stage"]: s["state"] for s in json.loads(out.stdout)["stages"]}
 
@@ -129,6 +130,36 @@ def test_smoke_pipeline_then_noop_then_only_changed_stage_reruns(tmp_path):
     assert "was made by config 'smoke', not 'local'" in one_error_line(other)
     # nothing was lost: every stage is still done under the run's own saved config
     assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_on_an_s3_run_dir_and_a_new_embedder_starts_curate_afresh(tmp_path, s3):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    run_dir = s3.uri("runs/smoke")
+    first = vfm("run", "-c", "smoke", "--run-dir", run_dir, cwd=tmp_path, env=s3.env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert status(run_dir, tmp_path, s3.env()) == {"curate": "done", "shard": "done", "evaluate": "done"}
+    assert [u for u in s3.storage.ls(f"{run_dir}/shard/shards") if u.endswith(".tar")]
+    assert s3.storage.exists(f"{run_dir}/evaluate/report.md")
+    # the demo pool was copied under the run dir, where every node of a cluster can read it
+    uris = pq.read_table(io.BytesIO(s3.storage.read_bytes(f"{run_dir}/curate/manifest.parquet"))).column("uri")
+    assert all(u.startswith(f"{run_dir}/curate/demo_pool/images/") for u in uris.to_pylist())
+    stats = s3.storage.read_json(f"{run_dir}/curate/stats.json")
+    assert stats["class_balance_after"] > stats["class_balance_before"] + 0.1  # the hidden classes were found
+
+    def centroid_dim() -> int:
+        return np.load(io.BytesIO(s3.storage.read_bytes(f"{run_dir}/curate/clusters/centroids_l1.npy"))).shape[1]
+
+    assert centroid_dim() == 236  # the built-in embedder
+    # The embedding chunks were copied to the local cache under the same names; a new embedder
+    # must not read them back.
+    changed = vfm("run", "-c", "smoke", "--run-dir", run_dir, "--set", "curate.embed.embedder=arch:vit_test",
+                  "--set", "curate.embed.image_size=64", cwd=tmp_path, env=s3.env())
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "[curate] starting from scratch (its config changed)" in changed.stderr
+    assert centroid_dim() == 64  # vit_test's width
 
 
 @pytest.mark.slow

@@ -54,6 +54,22 @@ def test_walking_files_is_in_sorted_order_and_lists_one_folder_at_a_time(tmp_pat
     assert rest == ["b.txt", "sub1/y.txt", "sub1/deep/x.txt", "sub10/w.txt", "sub9/late.txt", "sub9/z.txt"]
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_put_tree_copies_a_folder_to_the_same_relative_paths(tmp_path, remote, request):
+    src = tmp_path / "src"
+    for name in ("a.png", "sub/b.png", "sub/deeper/c.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(name.encode())
+    if remote:
+        s3 = request.getfixturevalue("s3")
+        storage, dst = s3.storage, s3.uri("copy")
+    else:
+        storage, dst = Storage(), str(tmp_path / "copy")
+    storage.put_tree(src, dst)
+    assert sorted(storage.walk_files(dst)) == [storage.join(dst, n) for n in ("a.png", "sub/b.png", "sub/deeper/c.png")]
+    assert storage.read_bytes(storage.join(dst, "sub/deeper/c.png")) == b"sub/deeper/c.png"
+
+
 def test_s3_round_trip_listing_and_tar_members(s3):
     storage = s3.storage
     storage.write_json(s3.uri("p/q.json"), {"k": [1, 2]})

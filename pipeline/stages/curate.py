@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate
-from data_curation.demo_pool import DemoPoolSpec, make_demo_pool, read_labels
+from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import Chunk, ChunkStore
 from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
@@ -124,10 +125,8 @@ class CurateStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
-        demo = DEMO_SOURCE in cfg.sources
-        sources = [s for s in cfg.sources if s != DEMO_SOURCE]
-        if demo:
-            sources.append(str(make_demo_pool(demo_pool_dir(ctx), DemoPoolSpec(seed=seed))))
+        demo = self._demo_images(ctx, seed) if DEMO_SOURCE in cfg.sources else None
+        sources = [s for s in cfg.sources if s != DEMO_SOURCE] + ([demo] if demo else [])
         limits = DecodeLimits(cfg.decode.max_pixels, cfg.decode.min_side, cfg.decode.max_aspect)
 
         listing_root = Storage.join(ctx.work_dir, "listing")
@@ -212,7 +211,7 @@ class CurateStage(Stage):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
         if demo:
-            plots.append(self._class_plot(ctx, manifest, metrics))
+            plots.append(self._class_plot(ctx, demo, manifest, metrics))
         for path in plots:
             storage.put_file(path, Storage.join(ctx.dir, "plots", path.name))
             ctx.tracker.log_artifact(path, "plots")
@@ -279,15 +278,38 @@ class CurateStage(Stage):
             np.save(buf, parent)
             ctx.storage.write_bytes(Storage.join(ctx.dir, "clusters", f"parent_l{level}.npy"), buf.getvalue())
 
-    def _class_plot(self, ctx: StageContext, manifest: pa.Table, metrics: dict[str, float]) -> Path:
-        """Hidden-class balance of the demo pool, before (accepted) and after (selected)."""
+    @staticmethod
+    def _demo_images(ctx: StageContext, seed: int) -> str:
+        """The demo pool's images folder. It is written to local disk; under a remote run dir it
+        is also copied into the curate folder, so that decode tasks on every node of a cluster
+        read it (labels.parquet goes last and marks a complete copy)."""
+        local = demo_pool_dir(ctx)
+        images = make_demo_pool(local, DemoPoolSpec(seed=seed))
+        if not Storage.is_remote(ctx.dir):
+            return str(images)
+        remote = Storage.join(ctx.dir, "demo_pool")
+        if not ctx.storage.exists(Storage.join(remote, LABELS_FILE)):
+            ctx.log(f"copying the demo pool to {remote}")
+            ctx.storage.put_tree(images, Storage.join(remote, IMAGES_DIR))
+            ctx.storage.put_file(local / LABELS_FILE, Storage.join(remote, LABELS_FILE))
+        return Storage.join(remote, IMAGES_DIR)
+
+    def _class_plot(self, ctx: StageContext, demo_images: str, manifest: pa.Table, metrics: dict[str, float]) -> Path:
+        """Hidden-class balance of the demo pool, before (accepted) and after (selected). Images
+        are matched on their file name within ``demo_images`` (local or a remote copy)."""
         labels = read_labels(demo_pool_dir(ctx)).to_pydict()
-        class_of = {os.path.abspath(u): c for u, c in zip(labels["uri"], labels["class"], strict=True) if c}
-        uris = [os.path.abspath(u) for u in manifest.column("uri").to_pylist()]
+        class_of = {posixpath.basename(u): c for u, c in zip(labels["uri"], labels["class"], strict=True) if c}
+
+        def folder(uri: str) -> str:
+            return uri if Storage.is_remote(uri) else os.path.abspath(uri)
+
+        home = folder(demo_images)
+        names = [posixpath.basename(u) if posixpath.dirname(folder(u)) == home else None
+                 for u in manifest.column("uri").to_pylist()]
         accepted = [r is None for r in manifest.column("reject_reason").to_pylist()]
         selected = manifest.column("selected").to_pylist()
-        before = [class_of[u] for u, a in zip(uris, accepted, strict=True) if a and u in class_of]
-        after = [class_of[u] for u, s in zip(uris, selected, strict=True) if s and u in class_of]
+        before = [class_of[u] for u, a in zip(names, accepted, strict=True) if a and u in class_of]
+        after = [class_of[u] for u, s in zip(names, selected, strict=True) if s and u in class_of]
         n_classes = len(set(class_of.values()))
         metrics["class_balance_before"] = normalized_entropy(np.asarray(before), n_classes)
         metrics["class_balance_after"] = normalized_entropy(np.asarray(after), n_classes)
