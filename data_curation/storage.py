@@ -187,15 +187,14 @@ class Storage:
     def put_tree(self, local_dir: str | Path, uri: str) -> None:
         """Copy every file below ``local_dir`` to the same relative paths under ``uri``."""
         root = Path(local_dir)
+        files = sorted(f for f in root.rglob("*") if f.is_file())
+        relative = [f.relative_to(root).as_posix() for f in files]
         if _is_remote(uri):  # one batched, concurrent upload
             fs, path = self.fs(uri)
-            files = sorted(str(f) for f in root.rglob("*") if f.is_file())
-            targets = [posixpath.join(path, Path(f).relative_to(root).as_posix()) for f in files]
-            self._guard(uri, "upload", fs.put, files, targets)
+            self._guard(uri, "upload", fs.put, [str(f) for f in files], [posixpath.join(path, r) for r in relative])
             return
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                self.put_file(f, self.join(uri, f.relative_to(root).as_posix()))
+        for f, r in zip(files, relative, strict=True):
+            self.put_file(f, self.join(uri, r))
 
     def makedirs(self, uri: str) -> None:
         if not _is_remote(uri):

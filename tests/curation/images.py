@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import tarfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -11,6 +13,17 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> list[int]:
+    """A tar of ``members`` (name -> bytes) in that order; returns each member's header offset."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return [member.offset for member in tar.getmembers()]
 
 
 def rgb(h: int = 40, w: int = 48, seed: int = 0) -> Image.Image:

@@ -1,5 +1,3 @@
-import io
-import tarfile
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -14,7 +12,7 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
-from tests.curation.images import encode, rgb
+from tests.curation.images import encode, rgb, write_tar
 
 PNG = encode(rgb(), "PNG")
 
@@ -46,26 +44,11 @@ def test_uri_lists_in_parquet_and_csv_with_relative_entries(tmp_path):
 
 def test_webdataset_tar_members_are_items_and_read_back(tmp_path):
     shard = tmp_path / "shard-000000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in (("k1.png", PNG), ("k1.json", b"{}"), ("k2.jpg", b"xyz")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, {"k1.png": PNG, "k1.json": b"{}", "k2.jpg": b"xyz"})
     uris = list(iter_source(str(shard)))
     assert [split_tar_member_uri(u)[1] for u in uris] == ["k1.png", "k2.jpg"]
     assert read_many(uris) == [PNG, b"xyz"]
     assert list(iter_source(str(tmp_path))) == uris  # a folder of shards expands them too
-
-
-def _tar_of_pngs(path, count: int) -> list[int]:
-    """A tar of ``count`` PNG members; returns each member's header offset."""
-    with tarfile.open(path, "w") as tar:
-        for i in range(count):
-            info = tarfile.TarInfo(f"k{i}.png")
-            info.size = len(PNG)
-            tar.addfile(info, io.BytesIO(PNG))
-    with tarfile.open(path) as tar:
-        return [member.offset for member in tar.getmembers()]
 
 
 @pytest.mark.parametrize("damage, listed", [
@@ -78,7 +61,7 @@ def _tar_of_pngs(path, count: int) -> list[int]:
 ])
 def test_a_broken_tar_keeps_the_members_before_the_break_and_is_reported(tmp_path, damage, listed):
     shard = tmp_path / "shard.tar"
-    offsets = _tar_of_pngs(shard, 4)
+    offsets = write_tar(shard, {f"k{i}.png": PNG for i in range(4)})
     data = shard.read_bytes()
     third = offsets[2]
     data = {"cut inside the third header": data[:third + 100],
@@ -89,7 +72,7 @@ def test_a_broken_tar_keeps_the_members_before_the_break_and_is_reported(tmp_pat
             "not a tar": b"this is not a tar archive\n" * 40}[damage]
     shard.write_bytes(data)
     whole = tmp_path / "whole.tar"
-    _tar_of_pngs(whole, 2)
+    write_tar(whole, {f"k{i}.png": PNG for i in range(2)})
     problems = ListingProblems()
     uris = list(iter_sources([str(shard), str(whole)], problems=problems))
     assert [split_tar_member_uri(u) for u in uris] == (

@@ -1,10 +1,8 @@
 """The curate stage on a real local Ray: mixed bad pool, manifest schema, resume after a kill."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import CurateConfig
 from pipeline.stages.curate import CurateStage
-from tests.curation.images import bad_files, encode, odd_files
+from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
 
 
@@ -54,14 +52,9 @@ def mixed_pool(tmp_path_factory) -> Path:
         (pool / f"bad-{reason}.{ext}").write_bytes(data)
     for kind, (ext, data) in odd_files().items():
         (pool / f"odd-{kind}.{ext}").write_bytes(data)
-    with tarfile.open(pool / "cut.tar", "w") as tar:  # 3 digits, cut inside the third header
-        for i in (42, 43, 44):
-            data = encode(Image.fromarray(np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))), "PNG")
-            info = tarfile.TarInfo(f"t{i}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(pool / "cut.tar") as tar:
-        third = tar.getmembers()[2].offset
+    third = write_tar(pool / "cut.tar", {  # 3 digits, cut inside the third header
+        f"t{i}.png": encode(Image.fromarray(np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))), "PNG")
+        for i in (42, 43, 44)})[2]
     (pool / "cut.tar").write_bytes((pool / "cut.tar").read_bytes()[:third + 100])
     seeds = root / "seeds"
     seeds.mkdir()
