@@ -35,6 +35,8 @@ def _describe(exc: BaseException) -> str:
 class Storage:
     """Files by URI. ``s3`` holds s3fs options (endpoint_url, key, secret, region, ...)."""
 
+    list_page_size = 1000  # keys per S3 ListObjectsV2 request in walk_files (the S3 maximum)
+
     def __init__(self, s3: dict[str, Any] | None = None):
         self.s3 = {k: v for k, v in (s3 or {}).items() if v not in (None, "")}
 
@@ -106,15 +108,49 @@ class Storage:
         return sorted(self._unstrip(uri, path, n) for n in names if n.rstrip("/") != path.rstrip("/"))
 
     def walk_files(self, uri: str) -> Iterator[str]:
-        """Every file below ``uri``, recursively, as URIs: a folder's files in sorted order,
-        then its subfolders in sorted order. Streamed: one folder's listing at a time."""
+        """Every file below the folder ``uri``, recursively, as URIs; nothing if ``uri`` does
+        not exist. The order is fixed for a given store: on S3 the server's listing order (the
+        byte order of the keys on AWS S3; SeaweedFS goes folder by folder), elsewhere the
+        byte order of the paths, as AWS S3 lists them.
+
+        Streamed: on S3 one page of ``list_page_size`` keys at a time, straight from
+        ListObjectsV2 (s3fs's own walk holds a whole prefix's listing in its directory cache
+        for the life of the process: tens of millions of keys for a web-scale pool); elsewhere
+        one folder's listing at a time.
+        """
         fs, path = self.fs(uri)
-        walker = fs.walk(path)
-        while (step := self._guard(uri, "list", next, walker, None)) is not None:
-            root, dirs, files = step
-            dirs.sort()  # fsspec walks the subfolders in the order of this list
-            for name in sorted(files):
-                yield self._unstrip(uri, path, posixpath.join(root, name))
+        if uri.startswith(("s3://", "s3a://")):
+            yield from self._walk_s3(uri, fs, path)
+        else:
+            yield from self._walk_folder(uri, fs, path)
+
+    def _walk_s3(self, uri: str, fs, path: str) -> Iterator[str]:
+        bucket, key, _ = fs.split_path(path)
+        request = {"Bucket": bucket, "Prefix": f"{key.rstrip('/')}/" if key else "",
+                   "MaxKeys": self.list_page_size, **getattr(fs, "req_kw", {})}
+        while True:
+            page = self._guard(uri, "list", fs.call_s3, "list_objects_v2", **request)
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):  # a zero-byte "folder" marker is not a file
+                    yield self._unstrip(uri, path, f"{bucket}/{item['Key']}")
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _walk_folder(self, uri: str, fs, path: str) -> Iterator[str]:
+        try:
+            entries = self._guard(uri, "list", fs.ls, path, detail=True)
+        except FileNotFoundError:  # never was, or removed since its parent was listed
+            return
+        fs.invalidate_cache(path)  # keep no listing once it has been walked
+        # A folder sorts as "name/", so a depth-first walk visits paths in byte order.
+        keyed = sorted((posixpath.basename(e["name"].rstrip("/")) + ("/" if e["type"] == "directory" else ""), e["name"])
+                       for e in entries if e["name"].rstrip("/") != path.rstrip("/"))
+        for sort_key, name in keyed:
+            if sort_key.endswith("/"):
+                yield from self._walk_folder(uri, fs, name)
+            else:
+                yield self._unstrip(uri, path, name)
 
     def read_bytes(self, uri: str) -> bytes:
         if not _is_remote(uri):  # fsspec costs ~50 us a call: most of the time of small local files

@@ -42,16 +42,44 @@ def test_listing_and_removal(tmp_path):
     assert not storage.exists(str(tmp_path / "x")) and storage.ls(str(tmp_path / "nothing")) == []
 
 
-def test_walking_files_is_in_sorted_order_and_lists_one_folder_at_a_time(tmp_path):
-    storage = Storage()
-    names = ["b.txt", "a.txt", "sub9/z.txt", "sub1/y.txt", "sub1/deep/x.txt", "sub10/w.txt"]
-    for name in names:
-        storage.write_text(str(tmp_path / name), name)
-    walk = storage.walk_files(str(tmp_path))
-    assert next(walk) == str(tmp_path / "a.txt")
-    storage.write_text(str(tmp_path / "sub9" / "late.txt"), "written after the walk began")
-    rest = [uri[len(str(tmp_path)) + 1:] for uri in walk]
-    assert rest == ["b.txt", "sub1/y.txt", "sub1/deep/x.txt", "sub10/w.txt", "sub9/late.txt", "sub9/z.txt"]
+# Names whose byte order as whole paths is neither files-then-folders nor folders-then-files:
+# "a-b.png" < "a.png" < "a/deep/x.png" < "a/z.png" < "a0.png".
+_TREE = ["b.txt", "a.png", "a0.png", "a-b.png", "a/z.png", "a/deep/x.png", "sub9/z.txt", "sub10/w.txt"]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_walking_files_streams_them_in_the_byte_order_of_their_paths(tmp_path, remote, request):
+    if remote:
+        s3 = request.getfixturevalue("s3")
+        storage, root = s3.storage, s3.uri("pool")
+        storage.list_page_size = 2  # several ListObjectsV2 pages, so streaming goes across pages
+    else:
+        storage, root = Storage(), str(tmp_path / "pool")
+    for name in _TREE:
+        storage.write_text(storage.join(root, name), name)
+    walk = storage.walk_files(root)
+    first = next(walk)
+    storage.write_text(storage.join(root, "sub9", "late.txt"), "written after the walk began")
+    walked = [first[len(root) + 1:]] + [uri[len(root) + 1:] for uri in walk]
+    expected = sorted(_TREE + ["sub9/late.txt"])
+    if remote:  # the server's order: byte order on AWS S3, SeaweedFS lists folder by folder
+        assert sorted(walked) == expected
+    else:
+        assert walked == expected
+    assert list(storage.walk_files(storage.join(root, "never-was"))) == []
+    assert sorted(storage.walk_files(root + "/")) == sorted(storage.join(root, n) for n in expected)
+    fs, path = storage.fs(root)  # the filesystem object is shared with other tests: look at this tree only
+    assert not [key for key in fs.dircache if key.startswith(path)], "the walk left listings in fsspec's cache"
+
+
+def test_walking_s3_skips_folder_markers_and_names_the_prefix_on_errors(s3):
+    storage = s3.storage
+    storage.write_text(s3.uri("pool/a.png"), "a")
+    s3.server.client().put_object(Bucket=s3.bucket, Key="pool/empty-folder/", Body=b"")  # what consoles create
+    assert list(storage.walk_files(s3.uri("pool"))) == [s3.uri("pool/a.png")]
+    stranger = Storage({"endpoint_url": s3.endpoint_url, "key": "no-such-key", "secret": "wrong"})
+    with pytest.raises(StorageError, match=f"cannot list {s3.uri('pool')}"):
+        list(stranger.walk_files(s3.uri("pool")))
 
 
 @pytest.mark.parametrize("remote", [False, True])

@@ -57,9 +57,11 @@ def demo_pool_dir(ctx: StageContext) -> Path:
 
 
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
-                  uri_column: str) -> tuple[dict[int, int], ListingProblems]:
+                  uri_column: str, log: Callable[[str], None] = lambda line: None,
+                  log_every_s: float = 10.0) -> tuple[dict[int, int], ListingProblems]:
     """Stream the sources into listing chunks (Parquet: chunk, row, uri) under ``root``;
-    reuses a finished listing that found images. Returns rows per chunk and what listing skipped."""
+    reuses a finished listing that found images. Returns rows per chunk and what listing skipped.
+    ``log`` gets a progress line at most every ``log_every_s`` seconds while listing."""
     done_uri = Storage.join(root, _LISTING_DONE)
     done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
     if done.get("rows"):
@@ -68,8 +70,10 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     rows: dict[int, int] = {}
     problems = ListingProblems()
     batch: list[str] = []
+    start = last_log = time.monotonic()
 
     def flush() -> None:
+        nonlocal last_log
         index = len(rows)
         buf = io.BytesIO()
         pq.write_table(pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
@@ -78,6 +82,10 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         storage.write_bytes(Storage.join(root, f"chunk-{index:06d}.parquet"), buf.getvalue())
         rows[index] = len(batch)
         batch.clear()
+        if (now := time.monotonic()) - last_log >= log_every_s:
+            last_log = now
+            images = sum(rows.values())
+            log(f"listing: {images} images in {len(rows)} chunks so far, {images / (now - start):.0f} images/s")
 
     for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems):
         batch.append(uri)
@@ -132,7 +140,7 @@ class CurateStage(Stage):
         listing_root = Storage.join(ctx.work_dir, "listing")
         try:
             rows_per_chunk, problems = write_listing(sources, listing_root, storage, cfg.embed.chunk_size,
-                                                     cfg.sniff, cfg.uri_column)
+                                                     cfg.sniff, cfg.uri_column, log=ctx.log)
         except SourceError as exc:
             raise SourceError(f"curate.sources: {exc}") from None
         _log_problems(ctx, problems)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from data_curation.storage import Storage
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import CurateConfig
-from pipeline.stages.curate import CurateStage
+from pipeline.stages.curate import CurateStage, write_listing
 from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
 
@@ -146,6 +147,20 @@ def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, 
     for i in range(12):
         (pool / f"d{i}.png").write_bytes((mixed_pool / "pool" / f"d{2 * i:02d}.png").read_bytes())
     assert CurateStage().run(_context(tmp_path, section))["inputs"] == 12  # the same run dir, resumed
+
+
+def test_listing_reports_progress_and_a_finished_listing_is_read_back(mixed_pool, tmp_path):
+    lines: list[str] = []
+    root = str(tmp_path / "listing")
+    rows, problems = write_listing([str(mixed_pool / "pool")], root, Storage(), chunk_size=8, sniff=True,
+                                   uri_column="uri", log=lines.append, log_every_s=0.0)
+    assert len(lines) == len(rows) > 1 and all(v == 8 for i, v in rows.items() if i < len(rows) - 1)
+    assert re.fullmatch(r"listing: 16 images in 2 chunks so far, \d+ images/s", lines[1])
+    assert problems.broken_tars  # the tar cut short
+    again: list[str] = []
+    assert write_listing([str(mixed_pool / "pool")], root, Storage(), chunk_size=8, sniff=True,
+                         uri_column="uri", log=again.append, log_every_s=0.0) == (rows, problems)
+    assert again == []  # read back, not listed again
 
 
 def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):

