@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_curation.builtin import load_builtin
-from data_curation.storage import Storage
+from data_curation.storage import Storage, StorageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _TEST_SPLIT_NAMES = ("test", "val")
@@ -156,18 +156,14 @@ def _label_items(files: dict[str, list[str]], classes: list[str]) -> _Items:
 
 
 def _fetch(uris: list[str], storage: Storage, spec: str) -> list[bytes | None]:
-    """The bytes of every URI (concurrently on S3); an unreadable file becomes None."""
-    if not uris:
-        return []
-    fs, _ = storage.fs(uris[0])
-    paths = [storage.fs(u)[1] for u in uris]
-    try:
-        blobs = fs.cat(paths, on_error="return")
-    except Exception as exc:  # the whole listing went away (server down, credentials)
-        raise DatasetError(f"dataset {spec}: cannot read images: {type(exc).__name__}: {exc}") from None
-    if not isinstance(blobs, dict):  # fsspec returns a bare value for a single path
-        blobs = {paths[0]: blobs}
-    return [b if isinstance(b, bytes) else None for b in (blobs.get(p) for p in paths)]
+    """The bytes of every URI (concurrently on S3); a file that cannot be read becomes None,
+    a store that cannot be read is a DatasetError."""
+    out: list[bytes | None] = []
+    for data in storage.read_many(uris):
+        if isinstance(data, StorageError):
+            raise DatasetError(f"dataset {spec}: cannot read images: {data}") from None
+        out.append(data if isinstance(data, bytes) else None)
+    return out
 
 
 def _looks_like_webdataset(spec: str, storage: Storage) -> bool:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data_curation.storage import Storage
+from data_curation.storage import Storage, StorageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -196,22 +196,23 @@ def _resolve(base: str, uri: str) -> str:
 
 
 def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | Exception]:
-    """The bytes of each URI, or the exception that reading it raised (never raises itself).
+    """The bytes of each URI, or the exception that reading it raised (never raises itself):
+    see :meth:`Storage.read_many`; a tar that cannot be read gives its members its TarError.
 
     Members of the same tar are read in one pass over that tar.
     """
     storage = storage or Storage()
     out: list[bytes | Exception] = [OSError("not read")] * len(uris)
+    plain: list[int] = []
     by_tar: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, uri in enumerate(uris):
         parts = split_tar_member_uri(uri)
         if parts is None:
-            try:
-                out[i] = storage.read_bytes(uri)
-            except Exception as exc:  # a missing or unreadable file is a reject, not a crash
-                out[i] = exc
+            plain.append(i)
         else:
             by_tar[parts[0]][parts[1]].append(i)
+    for i, data in zip(plain, storage.read_many([uris[i] for i in plain]), strict=True):
+        out[i] = data
     for tar_uri, members in by_tar.items():
         _read_tar_members(tar_uri, members, storage, out)
     return out
@@ -232,6 +233,8 @@ def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Stor
                     if not missing:
                         break
     except Exception as exc:  # a broken tar rejects the members not yet read
+        if storage.is_remote(tar_uri) and not isinstance(exc, tarfile.TarError | FileNotFoundError | StorageError):
+            exc = StorageError.of("read", tar_uri, exc)  # the store's trouble, not the tar's
         for name in missing:
             for i in members[name]:
                 out[i] = exc

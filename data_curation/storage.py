@@ -22,6 +22,11 @@ import fsspec
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and the cause in one line."""
 
+    @classmethod
+    def of(cls, action: str, uri: str, cause: BaseException) -> StorageError:
+        """``cannot ACTION URI: CauseType: first line of the cause``."""
+        return cls(f"cannot {action} {uri}: {_describe(cause)}")
+
 
 def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
@@ -84,7 +89,7 @@ class Storage:
         except StorageError:
             raise
         except Exception as exc:  # botocore errors are not OSErrors
-            raise StorageError(f"cannot {action} {uri}: {_describe(exc)}") from exc
+            raise StorageError.of(action, uri, exc) from exc
 
     # -- reading ---------------------------------------------------------------------
     def exists(self, uri: str) -> bool:
@@ -157,6 +162,38 @@ class Storage:
             return Path(uri.removeprefix("file://")).read_bytes()
         fs, path = self.fs(uri)
         return self._guard(uri, "read", fs.cat_file, path)
+
+    def read_many(self, uris: list[str]) -> list[bytes | Exception]:
+        """The bytes of each URI, in order, or what reading it raised; never raises itself.
+
+        A file that does not exist is a FileNotFoundError (a local file's other troubles are its
+        OSError); anything else on a remote store (unreachable, denied, failing after s3fs's
+        retries) is a StorageError naming the URI, which callers treat as the store's trouble,
+        not the file's. Remote files are fetched concurrently (fsspec's batched cat_ranges,
+        which also takes ``[`` and ``*`` in keys literally); local ones in turn.
+        """
+        out: list[bytes | Exception] = [OSError("not read")] * len(uris)
+        remote: dict[str, list[int]] = {}
+        for i, uri in enumerate(uris):
+            if _is_remote(uri):
+                remote.setdefault(uri.split("://", 1)[0], []).append(i)
+                continue
+            try:
+                out[i] = self.read_bytes(uri)
+            except OSError as exc:
+                out[i] = exc
+        for rows in remote.values():
+            fs, _ = self.fs(uris[rows[0]])
+            try:
+                blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
+            except Exception as exc:  # noqa: BLE001 - the whole batch failed; each URI gets the error
+                blobs = [exc] * len(rows)
+            for i, blob in zip(rows, blobs, strict=True):
+                if isinstance(blob, bytes | FileNotFoundError | StorageError):
+                    out[i] = blob
+                else:
+                    out[i] = StorageError.of("read", uris[i], blob)
+        return out
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")

@@ -125,3 +125,17 @@ def check_resources(requests: dict[str, Resources]) -> None:
                 f"stage {stage} holds {request.held_cpus:g} CPUs and {request.held_gpus:g} GPUs for its whole run "
                 f"({request.held_by or 'its actor pool'}) and needs at least 1 more CPU for its tasks, but the Ray "
                 f"cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs in all; lower those settings or add nodes")
+
+
+def remote_cause(exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The exception of ``types`` that a Ray task raised, behind the RayTaskError Ray hands back
+    (which also subclasses the cause's class), or None. Ray Data hands back a map function's own
+    exception only with ``DataContext.raise_original_map_exception`` on, and appends lines to its
+    message. Stages re-raise what this finds as one line, not as a remote traceback.
+    """
+    import ray.exceptions
+
+    current: BaseException | None = exc
+    while isinstance(current, ray.exceptions.RayTaskError):
+        current = current.cause
+    return current if isinstance(current, types) else None

@@ -11,7 +11,8 @@ rows to the level-1 centroids, which are put in the object store once and shared
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,28 @@ from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import ChunkStore
 from data_curation.hkmeans import assign
 from data_curation.scan import decode_rows, embed_rows
-from data_curation.storage import Storage
+from data_curation.storage import Storage, StorageError
+from orchestration.ray_runtime import remote_cause
+
+
+@contextmanager
+def _storage_errors_in_one_line() -> Iterator[None]:
+    """A store that a Ray Data task could not read or write fails the stage with the task's
+    StorageError, one line naming the URI (not a remote traceback); the chunks already written
+    stay for the rerun."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        if (cause := remote_cause(exc, StorageError)) is not None:  # Ray Data appends lines of its own
+            raise StorageError(str(cause).splitlines()[0]) from None
+        raise
 
 
 def _quiet_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.verbose_progress = False
+    ctx.raise_original_map_exception = True  # the task's own exception, not a UserCodeException without it
 
 
 def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: DecodeLimits, embedder: str,
@@ -85,18 +101,19 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
                                                "torch_threads": int(max(1, cpus_per_actor))})
     pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
     received: dict[int, int] = defaultdict(int)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        chunks = np.asarray(batch["chunk"], dtype=np.int64)
-        for index in np.unique(chunks):
-            part = {k: np.asarray(v)[chunks == index] for k, v in batch.items()}
-            pending[int(index)].append(part)
-            received[int(index)] += int((chunks == index).sum())
-            if received[int(index)] == expected_rows[int(index)]:
-                parts = pending.pop(int(index))
-                rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                order = np.argsort(rows["row"], kind="stable")
-                store.write(int(index), {k: v[order] for k, v in rows.items()})
-                on_chunk(int(index))
+    with _storage_errors_in_one_line():
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            chunks = np.asarray(batch["chunk"], dtype=np.int64)
+            for index in np.unique(chunks):
+                part = {k: np.asarray(v)[chunks == index] for k, v in batch.items()}
+                pending[int(index)].append(part)
+                received[int(index)] += int((chunks == index).sum())
+                if received[int(index)] == expected_rows[int(index)]:
+                    parts = pending.pop(int(index))
+                    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                    order = np.argsort(rows["row"], kind="stable")
+                    store.write(int(index), {k: v[order] for k, v in rows.items()})
+                    on_chunk(int(index))
 
 
 def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options: dict, cache_dir: str,
@@ -124,10 +141,11 @@ def assign_chunks(store: ChunkStore, chunk_indices: list[int], centroids: np.nda
                         fn_kwargs={"store_root": store.root, "storage_options": store.storage.s3,
                                    "cache_dir": str(cache_dir), "centroids_ref": [ref]})
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for index in np.unique(batch["chunk"]):
-            sel = batch["chunk"] == index
-            parts[int(index)].append((batch["position"][sel], batch["label"][sel], batch["distance"][sel]))
+    with _storage_errors_in_one_line():
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for index in np.unique(batch["chunk"]):
+                sel = batch["chunk"] == index
+                parts[int(index)].append((batch["position"][sel], batch["label"][sel], batch["distance"][sel]))
     result = {}
     for index in chunk_indices:
         pos = np.concatenate([p[0] for p in parts.get(index, [])] or [np.zeros(0, np.int64)])

@@ -31,6 +31,7 @@ from models.evaluation.report import RANDOM_INIT, TRAINED, flat_metrics, render_
 from models.evaluation.suite import EvalSettings, dataset_slug, evaluate_backbone
 from models.vision_transformer import ViTSpec
 from models.weights import CheckpointError
+from orchestration.ray_runtime import remote_cause
 from orchestration.stage import Resources, Stage, StageContext
 
 # Errors that mean "the input is wrong", shown as their one-line message.
@@ -74,8 +75,8 @@ class RayEncoder:
             encoded = ray.get(task.remote(source, image_sets, patch_sets, resolution, batch_size,
                                           "cuda" if gpus else "cpu", self.threads))
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, INPUT_ERRORS):
-                raise exc.cause from None
+            if (cause := remote_cause(exc, INPUT_ERRORS)) is not None:
+                raise cause from None
             raise
         data = _dump_encoded(encoded)
         self.storage.write_bytes(uri, data)

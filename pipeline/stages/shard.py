@@ -19,6 +19,7 @@ from data_curation.shards.plan import ShardLimits
 from data_curation.shards.verify import verify_shards
 from data_curation.shards.writer import RetryPolicy, ShardUploadError
 from data_curation.storage import Storage
+from orchestration.ray_runtime import remote_cause
 from orchestration.stage import Resources, Stage, StageContext
 
 MANIFEST_FILE = "manifest.parquet"
@@ -45,8 +46,8 @@ def ray_run_all(log: Callable[[str], None]):
             try:
                 ray.get(done)
             except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, ShardUploadError):  # one line naming the shard, not a remote traceback
-                    raise ShardUploadError(str(exc.cause)) from None
+                if (cause := remote_cause(exc, ShardUploadError)) is not None:  # one line naming the shard
+                    raise ShardUploadError(str(cause)) from None
                 raise
             log(f"{fn.__name__}: {len(refs) - len(pending)}/{len(refs)} tasks done")
         return ray.get(refs)

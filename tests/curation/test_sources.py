@@ -1,9 +1,12 @@
+"""Image sources (folders, URI lists, WebDataset tars, S3 prefixes) and reading their items back."""
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from data_curation.decode import DecodeLimits
+from data_curation.scan import decode_rows
 from data_curation.sources import (
     ListingProblems,
     SourceError,
@@ -12,6 +15,7 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
+from data_curation.storage import Storage, StorageError
 from tests.curation.images import encode, rgb, write_tar
 
 PNG = encode(rgb(), "PNG")
@@ -124,3 +128,34 @@ def test_s3_prefix_source_on_the_real_server(s3):
     uris = list(iter_sources([s3.uri("pool")], s3.storage))
     assert uris == [s3.uri("pool/a.png"), s3.uri("pool/sub/b.jpg"), s3.uri("pool/sub/noext")]
     assert read_many(uris, s3.storage)[0] == PNG
+
+
+def _impatient(s3) -> Storage:
+    """Storage for a stopped server that gives up after s3fs's own retries (~2 s), without botocore's."""
+    return Storage({**s3.storage_options(), "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+
+
+def test_s3_reads_tell_a_missing_object_from_an_unreachable_store(s3):
+    # Brackets and stars are plain characters in a key, not a pattern to expand.
+    uris = [s3.uri(f"pool/img[{i}]*.png") for i in range(5)] + [s3.uri("pool/a.png")]
+    for i, uri in enumerate(uris[:5]):
+        s3.storage.write_bytes(uri, bytes([i]) * 8)
+    s3.storage.write_bytes(uris[5], PNG)
+    got = read_many(uris + [s3.uri("pool/gone.png")], s3.storage)
+    assert got[:6] == [bytes([i]) * 8 for i in range(5)] + [PNG]
+    assert isinstance(got[6], FileNotFoundError)
+    decoded = decode_rows([uris[5], s3.uri("pool/gone.png")], s3.storage, DecodeLimits(), _crop, (4, 4, 3))
+    assert list(decoded["reject_reason"]) == ["", "unreadable"]  # a missing image is that image's problem
+    s3.stop()
+    try:
+        down = read_many(uris[:2], _impatient(s3))
+        with pytest.raises(StorageError, match=r"cannot read s3://.*/pool/a\.png: EndpointConnectionError"):
+            decode_rows(uris[5:], _impatient(s3), DecodeLimits(), _crop, (4, 4, 3))
+    finally:
+        s3.start()
+    assert [type(e) for e in down] == [StorageError, StorageError]
+    assert str(down[0]).startswith(f"cannot read {uris[0]}: EndpointConnectionError: ")
+
+
+def _crop(image):
+    return image[:4, :4]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_curation.builtin import load_builtin
 from data_curation.sources import SourceError
-from data_curation.storage import Storage
+from data_curation.storage import Storage, StorageError
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import CurateConfig
@@ -30,10 +30,10 @@ class KilledAfterFirstChunk(StageContext):
             raise KeyboardInterrupt  # what a kill between two chunks looks like to the stage
 
 
-def _context(root: Path, section: CurateConfig, cls=StageContext) -> StageContext:
+def _context(root: Path, section: CurateConfig, cls=StageContext, storage: Storage | None = None) -> StageContext:
     config = SimpleNamespace(run=RunConfig(seed=0), curate=section)
     return cls(name="curate", config=config, section=section, run_dir=str(root), dir=str(root / "curate"),
-               work_dir=str(root / "curate" / "_work"), cache_dir=root / "cache", storage=Storage(),
+               work_dir=str(root / "curate" / "_work"), cache_dir=root / "cache", storage=storage or Storage(),
                tracker=MemoryTracker())
 
 
@@ -184,3 +184,30 @@ def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path)
     assert metrics["rejected"] == 5 and metrics["duplicates"] > 100
     assert metrics["class_balance_after"] > metrics["class_balance_before"] + 0.1
     assert ("class_histogram.png", "plots") in ctx.tracker.artifacts
+
+
+class ServerStopsBeforeEmbedding(StageContext):
+    """Stops the S3 server holding the pool once the pool is listed, before any image is read."""
+    server = None
+
+    def log(self, message: str) -> None:
+        super().log(message)
+        if "to embed" in message:
+            self.server.stop()
+
+
+@pytest.mark.slow
+def test_an_unreachable_s3_pool_fails_the_stage_in_one_line_not_with_unreadable_images(ray_session, mixed_pool,
+                                                                                        s3, tmp_path):
+    s3.storage.put_tree(mixed_pool / "pool", s3.uri("pool"))
+    section = CurateConfig.model_validate({"sources": [s3.uri("pool")], "sample": {"target": 0.5},
+                                           "cluster": {"levels": [{"k": 4}, {"k": 2}]}})
+    impatient = Storage({**s3.storage_options(), "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+    ServerStopsBeforeEmbedding.server = s3
+    try:  # before the fix every image was rejected as unreadable and the stage went on with none
+        with pytest.raises(StorageError, match=rf"^cannot read {s3.uri('pool')}/\S+: EndpointConnectionError: [^\n]*$"):
+            CurateStage().run(_context(tmp_path, section, ServerStopsBeforeEmbedding, impatient))
+    finally:
+        s3.start()
+    assert not list((tmp_path / "curate").glob("manifest*"))
+    assert (tmp_path / "curate" / "_work" / "listing" / "_DONE.json").exists()  # kept for the rerun

