@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data_curation.storage import Storage, StorageError
+from data_curation.storage import Storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -233,8 +233,8 @@ def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Stor
                     if not missing:
                         break
     except Exception as exc:  # a broken tar rejects the members not yet read
-        if storage.is_remote(tar_uri) and not isinstance(exc, tarfile.TarError | FileNotFoundError | StorageError):
-            exc = StorageError.of("read", tar_uri, exc)  # the store's trouble, not the tar's
+        if not isinstance(exc, tarfile.TarError):  # a tar's own damage is its members' problem
+            exc = storage.read_failure(tar_uri, exc)
         for name in missing:
             for i in members[name]:
                 out[i] = exc

@@ -186,14 +186,20 @@ class Storage:
             fs, _ = self.fs(uris[rows[0]])
             try:
                 blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
-            except Exception as exc:  # noqa: BLE001 - the whole batch failed; each URI gets the error
+            except Exception as exc:  # the whole batch failed; each URI gets the error
                 blobs = [exc] * len(rows)
             for i, blob in zip(rows, blobs, strict=True):
-                if isinstance(blob, bytes | FileNotFoundError | StorageError):
-                    out[i] = blob
-                else:
-                    out[i] = StorageError.of("read", uris[i], blob)
+                out[i] = blob if isinstance(blob, bytes) else self.read_failure(uris[i], blob)
         return out
+
+    @staticmethod
+    def read_failure(uri: str, exc: Exception) -> Exception:
+        """What reading ``uri`` raised, as :meth:`read_many` reports it: a missing file, a local
+        file's OSError and a StorageError stay as they are; anything else on a remote store is
+        the store's trouble, a StorageError naming ``uri``."""
+        if isinstance(exc, FileNotFoundError | StorageError) or not _is_remote(uri):
+            return exc
+        return StorageError.of("read", uri, exc)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")

@@ -15,7 +15,7 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
-from data_curation.storage import Storage, StorageError
+from data_curation.storage import StorageError
 from tests.curation.images import encode, rgb, write_tar
 
 PNG = encode(rgb(), "PNG")
@@ -130,11 +130,6 @@ def test_s3_prefix_source_on_the_real_server(s3):
     assert read_many(uris, s3.storage)[0] == PNG
 
 
-def _impatient(s3) -> Storage:
-    """Storage for a stopped server that gives up after s3fs's own retries (~2 s), without botocore's."""
-    return Storage({**s3.storage_options(), "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
-
-
 def test_s3_reads_tell_a_missing_object_from_an_unreachable_store(s3):
     # Brackets and stars are plain characters in a key, not a pattern to expand.
     uris = [s3.uri(f"pool/img[{i}]*.png") for i in range(5)] + [s3.uri("pool/a.png")]
@@ -148,9 +143,9 @@ def test_s3_reads_tell_a_missing_object_from_an_unreachable_store(s3):
     assert list(decoded["reject_reason"]) == ["", "unreadable"]  # a missing image is that image's problem
     s3.stop()
     try:
-        down = read_many(uris[:2], _impatient(s3))
+        down = read_many(uris[:2], s3.impatient_storage())
         with pytest.raises(StorageError, match=r"cannot read s3://.*/pool/a\.png: EndpointConnectionError"):
-            decode_rows(uris[5:], _impatient(s3), DecodeLimits(), _crop, (4, 4, 3))
+            decode_rows(uris[5:], s3.impatient_storage(), DecodeLimits(), _crop, (4, 4, 3))
     finally:
         s3.start()
     assert [type(e) for e in down] == [StorageError, StorageError]

@@ -202,11 +202,10 @@ def test_an_unreachable_s3_pool_fails_the_stage_in_one_line_not_with_unreadable_
     s3.storage.put_tree(mixed_pool / "pool", s3.uri("pool"))
     section = CurateConfig.model_validate({"sources": [s3.uri("pool")], "sample": {"target": 0.5},
                                            "cluster": {"levels": [{"k": 4}, {"k": 2}]}})
-    impatient = Storage({**s3.storage_options(), "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
     ServerStopsBeforeEmbedding.server = s3
-    try:  # before the fix every image was rejected as unreadable and the stage went on with none
+    try:  # it used to reject every image as unreadable and carry on
         with pytest.raises(StorageError, match=rf"^cannot read {s3.uri('pool')}/\S+: EndpointConnectionError: [^\n]*$"):
-            CurateStage().run(_context(tmp_path, section, ServerStopsBeforeEmbedding, impatient))
+            CurateStage().run(_context(tmp_path, section, ServerStopsBeforeEmbedding, s3.impatient_storage()))
     finally:
         s3.start()
     assert not list((tmp_path / "curate").glob("manifest*"))
