@@ -22,6 +22,9 @@ import botocore.config
 from data_curation.storage import Storage
 
 ACCESS_KEY = "vfmtestkey"
+# SeaweedFS marks its volumes read-only below 1% free disk by default: 2.5 GiB of a 250 GiB disk
+# shared with other work, far more than the tests write (tens of MiB).
+MIN_FREE_SPACE = "256MiB"
 SECRET_KEY = "vfmtestsecret"
 
 
@@ -71,7 +74,7 @@ class SeaweedS3:
         p = self.ports
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
                f"-master.port={p['master']}", "-master.volumeSizeLimitMB=64", f"-volume.port={p['volume']}",
-               "-volume.max=0", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-volume.max=0", f"-volume.minFreeSpace={MIN_FREE_SPACE}", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                f"-s3.config={self.config_path}"]
         log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
@@ -91,7 +94,18 @@ class SeaweedS3:
             except Exception:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f}s; see {self.root / 'weed.log'}")
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f}s{self._trouble()}; "
+                           f"see {self.root / 'weed.log'}")
+
+    def _trouble(self) -> str:
+        """The log's last line that says why volumes cannot be written, if there is one (a full disk
+        starts every server but leaves the S3 API refusing writes: that was once CI's only clue)."""
+        lines = (self.root / "weed.log").read_text(errors="replace").splitlines()
+        for clue in ("disk free", "no volume server capacity"):
+            found = [line for line in lines if clue in line]
+            if found:
+                return f" ({found[-1].split(' ', 3)[-1][:200]})"
+        return ""
 
     def stop(self) -> None:
         """Kill the server (SIGKILL: it is slow to stop on SIGTERM and a test server needs no grace)."""
