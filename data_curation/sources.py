@@ -17,6 +17,9 @@ same tar from one open handle.
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
 fatal: blank or malformed rows of a URI list, and tars that cannot be read to their end (truncated,
 a garbled header, not a tar at all), whose members before the break are still listed.
+
+A :class:`ListingCursor` follows a listing as it goes, so that a listing stopped part way
+(millions of keys under one prefix take hours) picks up where it was instead of starting over.
 """
 from __future__ import annotations
 
@@ -51,6 +54,38 @@ class ListingProblems:
     def lines(self) -> list[str]:
         rows = [f"{self.bad_rows} blank or malformed rows in URI lists"] if self.bad_rows else []
         return rows + self.broken_tars
+
+    def copy(self) -> ListingProblems:
+        return ListingProblems(self.bad_rows, list(self.broken_tars))
+
+
+@dataclass
+class ListingCursor:
+    """Where a listing can pick up again; :func:`iter_sources` keeps it up to date as it yields.
+
+    The point is the last entry of source number ``source`` that was listed in full (a file, or
+    a tar with all its members, in a folder source; None: the source's start) and ``skip``, the
+    images listed after that point (members of a tar, rows of a URI list: those restart from
+    their beginning and skip them). ``problems`` are what listing had met up to that point;
+    anything met after it is met again.
+    """
+
+    source: int = 0
+    after: str | None = None
+    skip: int = 0
+    problems: ListingProblems = field(default_factory=ListingProblems)
+
+    def reached(self, source: int, after: str | None, problems: ListingProblems) -> None:
+        self.source, self.after, self.skip, self.problems = source, after, 0, problems.copy()
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "after": self.after, "skip": self.skip,
+                "bad_rows": self.problems.bad_rows, "broken_tars": self.problems.broken_tars}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> ListingCursor:
+        return cls(int(obj["source"]), obj["after"], int(obj["skip"]),
+                   ListingProblems(int(obj["bad_rows"]), list(obj["broken_tars"])))
 
 
 class _EndCheckingTarInfo(tarfile.TarInfo):
@@ -94,43 +129,68 @@ def iter_source(source: str, storage: Storage | None = None, *, sniff: bool = Tr
                 uri_column: str = "uri", problems: ListingProblems | None = None) -> Iterator[str]:
     """Yield the image URIs of one source, in a stable order (sorted per folder); what is
     skipped goes to ``problems``."""
+    return iter_sources([source], storage, sniff=sniff, uri_column=uri_column, problems=problems)
+
+
+def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
+                 uri_column: str = "uri", problems: ListingProblems | None = None,
+                 cursor: ListingCursor | None = None) -> Iterator[str]:
+    """Yield the image URIs of each source in turn. From a ``cursor``, start at the point it
+    holds, and keep it at the point after each URI yielded (``problems`` should then start as
+    a copy of the cursor's)."""
     storage = storage or Storage()
     problems = ListingProblems() if problems is None else problems
+    cursor = ListingCursor() if cursor is None else cursor
+    sources = list(sources)
+    to_skip = cursor.skip
+    for index in range(cursor.source, len(sources)):
+        if index != cursor.source:
+            cursor.reached(index, None, problems)
+        for uri, done in _items(sources[index], storage, sniff, uri_column, problems, cursor.after):
+            if uri is not None:
+                if to_skip:
+                    to_skip -= 1
+                else:
+                    cursor.skip += 1
+                    yield uri
+            if done is not None:
+                cursor.reached(index, done, problems)
+                to_skip = 0
+
+
+_Item = tuple[str | None, str | None]  # (an image URI to list, a folder entry now listed in full)
+
+
+def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems: ListingProblems,
+           after: str | None) -> Iterator[_Item]:
     lower = source.lower()
     if lower.endswith(".parquet") or lower.endswith(".csv"):
         if not storage.exists(source):
             raise SourceError(f"source list {source} does not exist")
-        yield from _iter_uri_list(source, storage, uri_column, problems)
+        yield from ((uri, None) for uri in _iter_uri_list(source, storage, uri_column, problems))
     elif lower.endswith(".tar"):
         if not storage.exists(source):
             raise SourceError(f"source tar {source} does not exist")
-        yield from _iter_tar(source, storage, problems)
+        yield from ((uri, None) for uri in _iter_tar(source, storage, problems))
     else:
         if not storage.isdir(source):
             if not storage.exists(source):
                 raise SourceError(f"source {source} does not exist")
             raise SourceError(f"source {source} is neither a folder, a .tar, nor a .parquet/.csv list of URIs")
-        yield from _iter_folder(source, storage, sniff, problems)
+        yield from _folder_items(source, storage, sniff, problems, after)
 
 
-def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
-                 uri_column: str = "uri", problems: ListingProblems | None = None) -> Iterator[str]:
-    storage = storage or Storage()
-    for source in sources:
-        yield from iter_source(source, storage, sniff=sniff, uri_column=uri_column, problems=problems)
-
-
-def _iter_folder(root: str, storage: Storage, sniff: bool, problems: ListingProblems) -> Iterator[str]:
-    for uri in storage.walk_files(root):
+def _folder_items(root: str, storage: Storage, sniff: bool, problems: ListingProblems,
+                  after: str | None) -> Iterator[_Item]:
+    for uri in storage.walk_files(root, after=after):
         name = posixpath.basename(uri)
-        if name.startswith("."):
-            continue
-        if name.lower().endswith(".tar"):
-            yield from _iter_tar(uri, storage, problems)
-        elif has_image_extension(name):
-            yield uri
-        elif sniff and _sniff(uri, storage):
-            yield uri
+        if name.lower().endswith(".tar") and not name.startswith("."):
+            yield from ((member, None) for member in _iter_tar(uri, storage, problems))
+            yield None, uri
+        elif not name.startswith(".") and (has_image_extension(name) or (sniff and _sniff(uri, storage))):
+            yield uri, uri
+        else:
+            yield None, uri
 
 
 def _sniff(uri: str, storage: Storage) -> bool:

@@ -112,11 +112,14 @@ class Storage:
         names = self._guard(uri, "list", fs.ls, path, detail=False)
         return sorted(self._unstrip(uri, path, n) for n in names if n.rstrip("/") != path.rstrip("/"))
 
-    def walk_files(self, uri: str) -> Iterator[str]:
+    def walk_files(self, uri: str, after: str | None = None) -> Iterator[str]:
         """Every file below the folder ``uri``, recursively, as URIs; nothing if ``uri`` does
         not exist. The order is fixed for a given store: on S3 the server's listing order (the
         byte order of the keys on AWS S3; SeaweedFS goes folder by folder), elsewhere the
         byte order of the paths, as AWS S3 lists them.
+
+        ``after``, a file URI this walk gave before, starts the walk after it without listing
+        what comes before (S3's StartAfter; folders that sort before it are not opened).
 
         Streamed: on S3 one page of ``list_page_size`` keys at a time, straight from
         ListObjectsV2 (s3fs's own walk holds a whole prefix's listing in its directory cache
@@ -124,15 +127,18 @@ class Storage:
         one folder's listing at a time.
         """
         fs, path = self.fs(uri)
+        after_path = fs._strip_protocol(after) if after else None
         if uri.startswith(("s3://", "s3a://")):
-            yield from self._walk_s3(uri, fs, path)
+            yield from self._walk_s3(uri, fs, path, after_path)
         else:
-            yield from self._walk_folder(uri, fs, path)
+            yield from self._walk_folder(uri, fs, path, after_path)
 
-    def _walk_s3(self, uri: str, fs, path: str) -> Iterator[str]:
+    def _walk_s3(self, uri: str, fs, path: str, after_path: str | None) -> Iterator[str]:
         bucket, key, _ = fs.split_path(path)
         request = {"Bucket": bucket, "Prefix": f"{key.rstrip('/')}/" if key else "",
                    "MaxKeys": self.list_page_size, **getattr(fs, "req_kw", {})}
+        if after_path:
+            request["StartAfter"] = fs.split_path(after_path)[1]
         while True:
             page = self._guard(uri, "list", fs.call_s3, "list_objects_v2", **request)
             for item in page.get("Contents", []):
@@ -142,19 +148,22 @@ class Storage:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
 
-    def _walk_folder(self, uri: str, fs, path: str) -> Iterator[str]:
+    def _walk_folder(self, uri: str, fs, path: str, after_path: str | None = None) -> Iterator[str]:
         try:
             entries = self._guard(uri, "list", fs.ls, path, detail=True)
         except FileNotFoundError:  # never was, or removed since its parent was listed
             return
         fs.invalidate_cache(path)  # keep no listing once it has been walked
-        # A folder sorts as "name/", so a depth-first walk visits paths in byte order.
+        # A folder sorts as "name/", so a depth-first walk visits paths in byte order, and
+        # the paths of a walk can be compared with ``after_path`` as strings.
         keyed = sorted((posixpath.basename(e["name"].rstrip("/")) + ("/" if e["type"] == "directory" else ""), e["name"])
                        for e in entries if e["name"].rstrip("/") != path.rstrip("/"))
         for sort_key, name in keyed:
             if sort_key.endswith("/"):
-                yield from self._walk_folder(uri, fs, name)
-            else:
+                folder = name.rstrip("/") + "/"
+                if after_path is None or after_path.startswith(folder) or folder > after_path:
+                    yield from self._walk_folder(uri, fs, name, after_path)
+            elif after_path is None or name > after_path:
                 yield self._unstrip(uri, path, name)
 
     def read_bytes(self, uri: str) -> bytes:

@@ -68,8 +68,24 @@ def test_walking_files_streams_them_in_the_byte_order_of_their_paths(tmp_path, r
         assert walked == expected
     assert list(storage.walk_files(storage.join(root, "never-was"))) == []
     assert sorted(storage.walk_files(root + "/")) == sorted(storage.join(root, n) for n in expected)
+    whole = [storage.join(root, name) for name in walked]
+    for i, uri in enumerate(whole):  # picking a walk up after any file it gave
+        assert list(storage.walk_files(root, after=uri)) == whole[i + 1:]
     fs, path = storage.fs(root)  # the filesystem object is shared with other tests: look at this tree only
     assert not [key for key in fs.dircache if key.startswith(path)], "the walk left listings in fsspec's cache"
+
+
+def test_a_walk_picked_up_later_does_not_open_the_folders_before_it(tmp_path, monkeypatch):
+    storage, root = Storage(), str(tmp_path / "pool")
+    for name in _TREE:
+        storage.write_text(storage.join(root, name), name)
+    fs, _ = storage.fs(root)
+    opened: list[str] = []
+    real_ls = fs.ls
+    monkeypatch.setattr(fs, "ls", lambda path, **kw: opened.append(path[len(root):]) or real_ls(path, **kw))
+    assert list(storage.walk_files(root, after=storage.join(root, "sub10", "w.txt"))) == [
+        storage.join(root, "sub9", "z.txt")]
+    assert opened == ["", "/sub10", "/sub9"]  # not a/ nor a/deep/
 
 
 def test_walking_s3_skips_folder_markers_and_names_the_prefix_on_errors(s3):

@@ -9,7 +9,9 @@ later steps are deterministic under the run seed and cheap beside embedding.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import posixpath
 import time
@@ -31,7 +33,7 @@ from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape, scan_uris
-from data_curation.sources import ListingProblems, SourceError, iter_sources
+from data_curation.sources import ListingCursor, ListingProblems, SourceError, iter_sources
 from data_curation.storage import Storage
 from orchestration.stage import Resources, Stage, StageContext
 from pipeline.stages.curate_ray import assign_chunks, embed_chunks
@@ -39,6 +41,7 @@ from pipeline.stages.curate_ray import assign_chunks, embed_chunks
 MANIFEST_FILE = "manifest.parquet"
 DEMO_SOURCE = "demo:"
 _LISTING_DONE = "_DONE.json"
+_LISTING_CURSOR = "vfm.listing"  # Parquet metadata key of a listing chunk: where the listing stood
 
 
 def kmeans_params(cfg, seed: int) -> KMeansParams:
@@ -61,33 +64,43 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
                   log_every_s: float = 10.0) -> tuple[dict[int, int], ListingProblems]:
     """Stream the sources into listing chunks (Parquet: chunk, row, uri) under ``root``;
     reuses a finished listing that found images. Returns rows per chunk and what listing skipped.
-    ``log`` gets a progress line at most every ``log_every_s`` seconds while listing."""
+
+    Each chunk carries in its Parquet metadata where the listing stood after its last row, so
+    a listing stopped part way picks up after its last whole chunk. ``log`` gets a progress
+    line at most every ``log_every_s`` seconds while listing."""
     done_uri = Storage.join(root, _LISTING_DONE)
     done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
     if done.get("rows"):
         return ({int(k): int(v) for k, v in done["rows"].items()},
                 ListingProblems(done.get("bad_rows", 0), done.get("broken_tars", [])))
-    rows: dict[int, int] = {}
-    problems = ListingProblems()
+    rows, cursor = _listed_so_far(root, storage, sources, chunk_size)
+    if rows:
+        log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
+    problems = cursor.problems.copy()
     batch: list[str] = []
     start = last_log = time.monotonic()
+    listed_before = sum(rows.values())
 
     def flush() -> None:
         nonlocal last_log
         index = len(rows)
+        table = pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
+                          "row": pa.array(np.arange(len(batch)), pa.int64()),
+                          "uri": pa.array(batch, pa.string())})
+        where = {"sources": _sources_digest(sources), "chunk_size": chunk_size, "cursor": cursor.to_json()}
         buf = io.BytesIO()
-        pq.write_table(pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
-                                 "row": pa.array(np.arange(len(batch)), pa.int64()),
-                                 "uri": pa.array(batch, pa.string())}), buf)
-        storage.write_bytes(Storage.join(root, f"chunk-{index:06d}.parquet"), buf.getvalue())
+        pq.write_table(table.replace_schema_metadata({_LISTING_CURSOR: json.dumps(where)}), buf)
+        storage.write_bytes(_listing_chunk(root, index), buf.getvalue())
         rows[index] = len(batch)
         batch.clear()
         if (now := time.monotonic()) - last_log >= log_every_s:
             last_log = now
             images = sum(rows.values())
-            log(f"listing: {images} images in {len(rows)} chunks so far, {images / (now - start):.0f} images/s")
+            log(f"listing: {images} images in {len(rows)} chunks so far, "
+                f"{(images - listed_before) / (now - start):.0f} images/s")
 
-    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems):
+    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems,
+                            cursor=cursor):
         batch.append(uri)
         if len(batch) == chunk_size:
             flush()
@@ -97,6 +110,41 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         storage.write_json(done_uri, {"rows": rows, "bad_rows": problems.bad_rows,
                                       "broken_tars": problems.broken_tars})
     return rows, problems
+
+
+def _listing_chunk(root: str, index: int) -> str:
+    return Storage.join(root, f"chunk-{index:06d}.parquet")
+
+
+def _sources_digest(sources: list[str]) -> str:
+    return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
+
+
+def _listed_so_far(root: str, storage: Storage, sources: list[str],
+                   chunk_size: int) -> tuple[dict[int, int], ListingCursor]:
+    """The rows of the whole chunks an unfinished listing of these sources wrote (0, 1, ...
+    without a gap), and the cursor stored with the last of them; nothing to reuse: ({}, start)."""
+    present = set()
+    for uri in storage.walk_files(root):
+        name = posixpath.basename(uri)
+        if name.startswith("chunk-") and name.endswith(".parquet") and name[6:-8].isdigit():
+            present.add(int(name[6:-8]))
+    count = 0
+    while count in present:
+        count += 1
+    for last in range(count - 1, -1, -1):  # a chunk without a readable cursor is listed again
+        try:
+            with storage.open(_listing_chunk(root, last), "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            where = json.loads((meta.metadata or {})[_LISTING_CURSOR.encode()])
+        except (KeyError, ValueError, pa.ArrowException):  # not a whole chunk of this format
+            continue
+        if where.get("sources") != _sources_digest(sources) or where.get("chunk_size") != chunk_size:
+            break
+        rows = {i: chunk_size for i in range(last)}
+        rows[last] = meta.num_rows
+        return rows, ListingCursor.from_json(where["cursor"])
+    return {}, ListingCursor()
 
 
 def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:

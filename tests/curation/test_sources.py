@@ -8,6 +8,7 @@ import pytest
 from data_curation.decode import DecodeLimits
 from data_curation.scan import decode_rows
 from data_curation.sources import (
+    ListingCursor,
     ListingProblems,
     SourceError,
     iter_source,
@@ -15,7 +16,7 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
-from data_curation.storage import StorageError
+from data_curation.storage import Storage, StorageError
 from tests.curation.images import encode, rgb, write_tar
 
 PNG = encode(rgb(), "PNG")
@@ -83,6 +84,48 @@ def test_a_broken_tar_keeps_the_members_before_the_break_and_is_reported(tmp_pat
         [(str(shard), f"k{i}.png") for i in range(listed)] + [(str(whole), f"k{i}.png") for i in range(2)])
     assert len(problems.broken_tars) == 1 and str(shard) in problems.broken_tars[0]
     assert problems.lines() == problems.broken_tars  # the complete tar is not reported
+
+
+def _sources_of_every_kind(tmp_path, storage, root) -> list[str]:
+    """A folder (files, a sniffed file, a text file, a whole tar, a tar cut short, a dot file),
+    then a tar and a URI list with blank rows: every way a listing can stand between two URIs."""
+    whole, short = tmp_path / "whole.tar", tmp_path / "short.tar"
+    write_tar(whole, {f"w{i}.png": PNG for i in range(3)})
+    offsets = write_tar(short, {f"s{i}.png": PNG for i in range(4)})
+    short.write_bytes(short.read_bytes()[:offsets[2] + 100])
+    files = {"a.png": PNG, "b/c.png": PNG, "b/d.tar": whole.read_bytes(), "b/e": PNG, "b/notes.txt": b"text",
+             "b.png": PNG, "c/.hidden.png": PNG, "c/short.tar": short.read_bytes(), "c/z.png": PNG}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(root, "pool", name), data)
+    storage.write_bytes(storage.join(root, "solo.tar"), whole.read_bytes())
+    listed = pa.table({"uri": [storage.join(root, "pool", "a.png"), None, "", storage.join(root, "pool", "b.png"),
+                               "  ", storage.join(root, "pool", "c", "z.png")]})
+    buf = pa.BufferOutputStream()
+    pq.write_table(listed, buf)
+    storage.write_bytes(storage.join(root, "list.parquet"), buf.getvalue().to_pybytes())
+    return [storage.join(root, "pool"), storage.join(root, "solo.tar"), storage.join(root, "list.parquet")]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_listing_picks_up_from_its_cursor_after_any_uri_it_gave(tmp_path, remote, request):
+    if remote:
+        s3 = request.getfixturevalue("s3")
+        storage, root = s3.storage, s3.uri("src")
+    else:
+        storage, root = Storage(), str(tmp_path / "src")
+    sources = _sources_of_every_kind(tmp_path, storage, root)
+    problems, cursor, stops, uris = ListingProblems(), ListingCursor(), [], []
+    for uri in iter_sources(sources, storage, problems=problems, cursor=cursor):
+        uris.append(uri)
+        stops.append(cursor.to_json())  # what a listing chunk ending here would keep
+    assert len(uris) == 10 + 3 + 3  # the folder's images and tar members, solo.tar's members, the list
+    assert problems.bad_rows == 3 and len(problems.broken_tars) == 1
+    for i, stop in enumerate(stops):
+        picked_up = ListingCursor.from_json(stop)
+        again = picked_up.problems.copy()
+        assert list(iter_sources(sources, storage, problems=again, cursor=picked_up)) == uris[i + 1:], stop
+        assert again == problems, stop  # each met once, before the stop or after it
+        assert picked_up.to_json() == cursor.to_json()
 
 
 def test_blank_and_malformed_rows_of_a_uri_list_are_skipped_and_counted(tmp_path):

@@ -163,6 +163,41 @@ def test_listing_reports_progress_and_a_finished_listing_is_read_back(mixed_pool
     assert again == []  # read back, not listed again
 
 
+class StopListing(Exception):
+    """What a kill between two listing chunks looks like to write_listing."""
+
+
+def test_a_listing_stopped_part_way_picks_up_after_its_last_whole_chunk(mixed_pool, tmp_path):
+    sources, root = [str(mixed_pool / "pool")], tmp_path / "listing"
+
+    def listing(chunk_size: int, into: Path, log=lambda line: None):
+        return write_listing(sources, str(into), Storage(), chunk_size=chunk_size, sniff=True, uri_column="uri",
+                             log=log, log_every_s=0.0)
+
+    def stop_after_two_chunks(line: str) -> None:
+        if line.startswith("listing: 16 images in 2 chunks"):
+            raise StopListing
+
+    whole = listing(8, tmp_path / "whole")
+    with pytest.raises(StopListing):
+        listing(8, root, stop_after_two_chunks)
+    stamps = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk-*")}
+    assert sorted(stamps) == ["chunk-000000.parquet", "chunk-000001.parquet"]
+    lines: list[str] = []
+    assert listing(8, root, lines.append) == whole
+    assert lines[0] == "listing: picking up after 16 images in 2 chunks"
+    assert {p.name: p.stat().st_mtime_ns for p in root.glob("chunk-*") if p.name in stamps} == stamps
+    for i in whole[0]:
+        name = f"chunk-{i:06d}.parquet"
+        assert pq.read_table(root / name).equals(pq.read_table(tmp_path / "whole" / name)), name
+    # Stopped listings of other settings are not picked up (a changed config also clears the stage).
+    with pytest.raises(StopListing):
+        listing(8, tmp_path / "other", stop_after_two_chunks)
+    lines.clear()
+    assert listing(5, tmp_path / "other", lines.append) == listing(5, tmp_path / "whole-5")
+    assert not [line for line in lines if "picking up" in line]
+
+
 def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):
     section = _section(mixed_pool)
     with pytest.raises(KeyboardInterrupt):
