@@ -35,21 +35,28 @@ def spec_from_config(cfg) -> ShardSpec:
 
 
 def ray_run_all(log: Callable[[str], None]):
-    """A ``run_all`` for build_shards: each call is a 1-CPU Ray task; progress is logged as they finish."""
+    """A ``run_all`` for build_shards: each call is a 1-CPU Ray task; progress is logged as they
+    finish. The first task that fails fails the call, and the tasks not finished are stopped: the
+    stage has failed, and they would only hold the cluster's CPUs (a rerun redoes them)."""
 
     def run_all(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
         task = ray.remote(num_cpus=1)(fn)
         refs = [task.remote(*args) for args in calls]
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done)
-            except ray.exceptions.RayTaskError as exc:
-                if (cause := remote_cause(exc, ShardUploadError)) is not None:  # one line naming the shard
-                    raise ShardUploadError(str(cause)) from None
-                raise
-            log(f"{fn.__name__}: {len(refs) - len(pending)}/{len(refs)} tasks done")
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    ray.get(done)
+                except ray.exceptions.RayTaskError as exc:
+                    if (cause := remote_cause(exc, ShardUploadError)) is not None:  # one line naming the shard
+                        raise ShardUploadError(str(cause)) from None
+                    raise
+                log(f"{fn.__name__}: {len(refs) - len(pending)}/{len(refs)} tasks done")
+        except BaseException:  # a failed task, or an interrupt
+            for ref in pending:  # killed, not asked: a polite cancel waits for I/O; their writes are atomic
+                ray.cancel(ref, force=True)
+            raise
         return ray.get(refs)
 
     return run_all

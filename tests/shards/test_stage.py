@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from data_curation.shards.reader import ShardDataset
 from data_curation.shards.verify import verify_shards
+from data_curation.shards.writer import ShardUploadError
 from data_curation.storage import Storage
 from orchestration.stage import StageContext
 from pipeline.config.shard import ShardConfig
-from pipeline.stages.shard import ShardStage
+from pipeline.stages.shard import ShardStage, ray_run_all
 from tests.memory_tracker import MemoryTracker
 
 
@@ -52,3 +54,25 @@ def test_config_rejects_unknown_keys_and_bad_names():
         ShardConfig(samples_per_shrd=3)
     with pytest.raises(ValueError, match="name"):
         ShardConfig(name="a/b")
+
+
+def _upload_or_linger(i: int) -> int:
+    """Task 0 fails as an upload does after its retries; the others would run a minute."""
+    import time
+
+    if i == 0:
+        time.sleep(1.0)  # the others have started
+        raise ShardUploadError("could not put shard vfm-000000.tar: the store is gone")
+    time.sleep(60)
+    return i
+
+
+def test_the_first_failed_task_fails_the_call_and_cancels_the_rest(local_ray):
+    lines: list[str] = []
+    with pytest.raises(ShardUploadError, match="^could not put shard vfm-000000.tar: the store is gone$"):
+        ray_run_all(lines.append)(_upload_or_linger, [(i,) for i in range(3)])
+    deadline = time.monotonic() + 20  # the lingering tasks would hold their CPUs for a minute
+    while local_ray.available_resources().get("CPU", 0) < local_ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held: {local_ray.available_resources()}"
+        time.sleep(0.2)
+    assert lines == []
