@@ -32,6 +32,17 @@ def chunk_name(index: int) -> str:
     return f"chunk-{index:06d}"
 
 
+def chunk_indices(root: str, storage: Storage) -> set[int]:
+    """Indices of the ``chunk-NNNNNN.parquet`` files in the folder ``root`` (embedding chunks
+    here, listing chunks in the curate stage)."""
+    found = set()
+    for uri in storage.ls(root):
+        match = _CHUNK_RE.search(uri)
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
 def _strings(values) -> pa.Array:
     """A string column; "" (scan's "not applicable") becomes null."""
     return pa.array([str(v) or None for v in values], pa.string())
@@ -76,12 +87,7 @@ class ChunkStore:
 
     def done(self) -> set[int]:
         """Indices of complete chunks."""
-        found = set()
-        for uri in self.storage.ls(self.root):
-            match = _CHUNK_RE.search(uri)
-            if match:
-                found.add(int(match.group(1)))
-        return found
+        return chunk_indices(self.root, self.storage)
 
     def write(self, index: int, rows: dict[str, np.ndarray]) -> None:
         """Write one finished chunk from the columns of ``scan.embed_rows``."""

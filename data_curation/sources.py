@@ -184,10 +184,12 @@ def _folder_items(root: str, storage: Storage, sniff: bool, problems: ListingPro
                   after: str | None) -> Iterator[_Item]:
     for uri in storage.walk_files(root, after=after):
         name = posixpath.basename(uri)
-        if name.lower().endswith(".tar") and not name.startswith("."):
+        if name.startswith("."):
+            yield None, uri
+        elif name.lower().endswith(".tar"):
             yield from ((member, None) for member in _iter_tar(uri, storage, problems))
             yield None, uri
-        elif not name.startswith(".") and (has_image_extension(name) or (sniff and _sniff(uri, storage))):
+        elif has_image_extension(name) or (sniff and _sniff(uri, storage)):
             yield uri, uri
         else:
             yield None, uri

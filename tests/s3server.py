@@ -22,10 +22,10 @@ import botocore.config
 from data_curation.storage import Storage
 
 ACCESS_KEY = "vfmtestkey"
+SECRET_KEY = "vfmtestsecret"
 # SeaweedFS marks its volumes read-only below 1% free disk by default: 2.5 GiB of a 250 GiB disk
 # shared with other work, far more than the tests write (tens of MiB).
 MIN_FREE_SPACE = "256MiB"
-SECRET_KEY = "vfmtestsecret"
 
 
 def weed_binary() -> str:

@@ -26,7 +26,7 @@ from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
 from data_curation.embedders import build_embedder, build_preparer
-from data_curation.embedding_store import Chunk, ChunkStore
+from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
@@ -113,7 +113,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
 
 
 def _listing_chunk(root: str, index: int) -> str:
-    return Storage.join(root, f"chunk-{index:06d}.parquet")
+    return Storage.join(root, f"{chunk_name(index)}.parquet")
 
 
 def _sources_digest(sources: list[str]) -> str:
@@ -124,11 +124,7 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
                    chunk_size: int) -> tuple[dict[int, int], ListingCursor]:
     """The rows of the whole chunks an unfinished listing of these sources wrote (0, 1, ...
     without a gap), and the cursor stored with the last of them; nothing to reuse: ({}, start)."""
-    present = set()
-    for uri in storage.walk_files(root):
-        name = posixpath.basename(uri)
-        if name.startswith("chunk-") and name.endswith(".parquet") and name[6:-8].isdigit():
-            present.add(int(name[6:-8]))
+    present = chunk_indices(root, storage)
     count = 0
     while count in present:
         count += 1
@@ -197,7 +193,7 @@ class CurateStage(Stage):
         todo = sorted(set(rows_per_chunk) - store.done())
         ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed")
         shape = prepared_shape(build_preparer(cfg.embed.embedder, cfg.embed.image_size))
-        embed_chunks([Storage.join(listing_root, f"chunk-{i:06d}.parquet") for i in todo],
+        embed_chunks([_listing_chunk(listing_root, i) for i in todo],
                      {i: rows_per_chunk[i] for i in todo}, store, limits=limits, embedder=cfg.embed.embedder,
                      image_size=cfg.embed.image_size, prepared_shape=shape, batch_size=cfg.embed.batch_size,
                      actors=cfg.embed.actors, cpus_per_actor=cfg.embed.cpus_per_actor,
