@@ -18,7 +18,9 @@ manifest on ``uri``. File names are shuffled and carry no class.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from data_curation.builtin import load_builtin
 
 LABELS_FILE = "labels.parquet"
 IMAGES_DIR = "images"
+_SPEC_KEY = "vfm.demo_spec"  # labels.parquet metadata: the DemoPoolSpec the pool was made from
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,17 @@ def _classes(rng: np.random.Generator, head_count: int) -> list[tuple[str, list[
 def make_demo_pool(out_dir: str | Path, spec: DemoPoolSpec = DemoPoolSpec()) -> Path:
     """Write the pool under ``out_dir`` (images/ + labels.parquet); returns the images folder.
 
-    A folder already holding a complete pool (labels.parquet present) is reused as is.
+    A folder already holding a complete pool (labels.parquet present) is reused as is when it
+    was made from the same spec; one made from another spec is an error (ValueError), not
+    silently another pool.
     """
     out = Path(out_dir)
     images_dir = out / IMAGES_DIR
     if (out / LABELS_FILE).exists():
+        made_from = pool_spec(out)
+        if made_from is not None and made_from != spec:
+            raise ValueError(f"{out} holds a demo pool made from {made_from}, not {spec}; "
+                             f"remove it or make the pool in another folder")
         return images_dir
     rng = np.random.default_rng(spec.seed)
     files: list[tuple[str, bytes, str, int, str]] = []  # (ext, bytes, class, family, kind)
@@ -140,10 +149,17 @@ def make_demo_pool(out_dir: str | Path, spec: DemoPoolSpec = DemoPoolSpec()) -> 
         kinds.append(kind)
     table = pa.table({"uri": uris, "class": pa.array(classes, pa.string()),
                       "family": pa.array(families, pa.int64()), "kind": kinds})
+    table = table.replace_schema_metadata({_SPEC_KEY: json.dumps(dataclasses.asdict(spec))})
     tmp = out / f".{LABELS_FILE}.tmp"
     pq.write_table(table, tmp)
     tmp.replace(out / LABELS_FILE)  # last: its presence marks a complete pool
     return images_dir
+
+
+def pool_spec(out_dir: str | Path) -> DemoPoolSpec | None:
+    """The spec a pool was made from; None for a pool written before vfm recorded it."""
+    meta = pq.read_schema(Path(out_dir) / LABELS_FILE).metadata or {}
+    return DemoPoolSpec(**json.loads(meta[_SPEC_KEY.encode()])) if _SPEC_KEY.encode() in meta else None
 
 
 def read_labels(out_dir: str | Path) -> pa.Table:

@@ -3,7 +3,9 @@ markers record what is done, MLflow tracks it, Ray does the heavy work.
 
 fingerprint(stage) = sha256(stage name, format version, its config sections, the
 fingerprints of the stages it requires). So a changed train section makes train and
-everything after it stale, and leaves curate and shard done.
+everything after it stale, and leaves curate and shard done. A stale stage starts over,
+except for the inner checkpoints it declares reusable under the changed config (curate's
+embeddings when only its sampling changed, say).
 """
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ class RunResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def config_value(config: Any, path: str) -> Any:
+    """The JSON form of a section (``"curate"``) or a value (``"run.seed"``) of ``config``."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -70,18 +84,24 @@ class Engine:
         self.dump_config, self.flat_params, self.log = dump_config, flat_params, log
         self.tracking = Tracking(resolve_tracking_uri(config.mlflow.tracking_uri))
         self.fingerprints = self._fingerprints()
+        self.reusable = {s.name: self._reusable(s) for s in stages}
 
     # -- fingerprints and status -----------------------------------------------------
     def _fingerprints(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for stage in self.stages:
-            sections = {s: getattr(self.config, s).model_dump(mode="json")
-                        for s in (stage.name, *stage.extra_sections)}
-            payload = {"stage": stage.name, "format_version": stage.format_version, "config": sections,
-                       "upstream": {r: out[r] for r in stage.requires}}
-            blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-            out[stage.name] = hashlib.sha256(blob).hexdigest()[:16]
+            sections = {s: config_value(self.config, s) for s in (stage.name, *stage.extra_sections)}
+            out[stage.name] = _digest({"stage": stage.name, "format_version": stage.format_version,
+                                       "config": sections, "upstream": {r: out[r] for r in stage.requires}})
         return out
+
+    def _reusable(self, stage: Stage) -> dict[str, str]:
+        """The digest of what each reusable path of ``stage`` depends on under this config: the
+        values the stage names, its format, and the stages upstream (whose outputs it may read)."""
+        upstream = {r: self.fingerprints[r] for r in stage.requires}
+        return {path: _digest({"stage": stage.name, "format_version": stage.format_version, "values": values,
+                               "upstream": upstream})
+                for path, values in stage.reusable(self.config).items()}
 
     def statuses(self) -> list[StageStatus]:
         run = self.rundir.read_run() or {}
@@ -201,22 +221,29 @@ class Engine:
         name, fp = stage.name, self.fingerprints[stage.name]
         stage_cache = cache_dir / run["run_id"][:12] / name
         previous = self.rundir.success(name) or self.rundir.attempt(name) or {}
+        reusable = self.reusable[name]
         if fresh or (previous and previous.get("fingerprint") != fp):
-            why = "--force" if fresh else "its config changed"
-            self.log(f"[{name}] starting from scratch ({why})")
-            self.rundir.clear_stage(name)
-            shutil.rmtree(stage_cache, ignore_errors=True)  # local copies of what was just cleared
+            written_under = previous.get("reusable") or {}  # markers older than this key: nothing is kept
+            keep = () if fresh else tuple(p for p, d in reusable.items() if written_under.get(p) == d)
+            if keep:
+                self.log(f"[{name}] its config changed: starting over, but keeping {', '.join(keep)} "
+                         f"(made under the same settings)")
+            else:
+                self.log(f"[{name}] starting from scratch ({'--force' if fresh else 'its config changed'})")
+            self.rundir.clear_stage(name, keep)
+            shutil.rmtree(stage_cache, ignore_errors=True)  # local scratch: copies of files just cleared
         else:
             self.rundir.invalidate(name)
         mlf = run["mlflow"]
+        scope = (name, *stage.extra_sections)
         section_params = {k: v for k, v in self.flat_params(self.config).items()
-                          if k.split(".", 1)[0] in (name, *stage.extra_sections)}
+                          if any(k == s or k.startswith(f"{s}.") for s in scope)}
         run_id = self.tracking.stage_run(mlf["experiment"], parent, name, mlf["stages"].get(name), fp,
                                          {**self._common_tags(), "vfm.status": "running",
                                           "vfm.output_uri": self.rundir.stage_dir(name)}, section_params)
         mlf["stages"][name] = {"run_id": run_id, "fingerprint": fp}
         self.rundir.write_run(run)
-        self.rundir.mark_attempt(name, fp)
+        self.rundir.mark_attempt(name, fp, reusable)
         ctx = StageContext(
             name=name, config=self.config, section=getattr(self.config, name), run_dir=self.rundir.uri,
             dir=self.rundir.stage_dir(name), work_dir=self.rundir.work_dir(name),
@@ -241,7 +268,7 @@ class Engine:
         metrics["stage_seconds"] = time.monotonic() - t0
         tracker = self.tracking.tracker(run_id)
         tracker.log_metrics(metrics)
-        self.rundir.mark_success(name, fp, metrics, {"mlflow_run_id": run_id, "vfm_version": self.version})
+        self.rundir.mark_success(name, fp, reusable, metrics, {"mlflow_run_id": run_id, "vfm_version": self.version})
         self.tracking.finish(run_id, "done")
         self.log(f"[{name}] done in {metrics['stage_seconds']:.1f}s")
         return metrics

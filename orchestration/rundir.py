@@ -9,6 +9,7 @@ Markers in a stage folder:
 from __future__ import annotations
 
 import os
+import posixpath
 import socket
 import time
 from dataclasses import dataclass
@@ -82,24 +83,41 @@ class RunDir:
     def attempt(self, name: str) -> dict[str, Any] | None:
         return self._marker(name, ATTEMPT)
 
-    def mark_attempt(self, name: str, fingerprint: str) -> None:
+    def mark_attempt(self, name: str, fingerprint: str, reusable: dict[str, str]) -> None:
+        """``reusable``: the digest of what each reusable path of the stage was written under."""
         self.storage.rm(self.path(name, FAILED))
         self.storage.write_json(self.path(name, ATTEMPT), {
-            "fingerprint": fingerprint, "pid": os.getpid(), "host": socket.gethostname(),
+            "fingerprint": fingerprint, "reusable": reusable, "pid": os.getpid(), "host": socket.gethostname(),
             "started": time.time()})
 
     def mark_failed(self, name: str, fingerprint: str, error: str) -> None:
         self.storage.write_json(self.path(name, FAILED), {
             "fingerprint": fingerprint, "error": error, "failed": time.time()})
 
-    def mark_success(self, name: str, fingerprint: str, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+    def mark_success(self, name: str, fingerprint: str, reusable: dict[str, str], metrics: dict[str, float],
+                     extra: dict[str, Any]) -> None:
         self.storage.write_json(self.path(name, SUCCESS), {
-            "fingerprint": fingerprint, "metrics": metrics, "finished": time.time(), **extra})
+            "fingerprint": fingerprint, "reusable": reusable, "metrics": metrics, "finished": time.time(), **extra})
         self.storage.rm(self.path(name, ATTEMPT))
 
-    def clear_stage(self, name: str) -> None:
-        """Forget a stage entirely (--force): its outputs, inner checkpoints and markers."""
-        self.storage.rm(self.stage_dir(name), recursive=True)
+    def clear_stage(self, name: str, keep: tuple[str, ...] = ()) -> None:
+        """Forget a stage (--force, a changed config): its outputs, inner checkpoints and
+        markers, all but the paths in ``keep`` (relative to the stage's folder)."""
+        self._clear(self.stage_dir(name), [k.strip("/") for k in keep])
+
+    def _clear(self, folder: str, keep: list[str]) -> None:
+        if not keep:
+            self.storage.rm(folder, recursive=True)
+            return
+        for uri in self.storage.ls(folder):  # only folders above a kept path are opened
+            entry = posixpath.basename(uri.rstrip("/"))
+            if entry in keep:
+                continue
+            inside = [k.split("/", 1)[1] for k in keep if k.startswith(f"{entry}/")]
+            if inside:
+                self._clear(uri, inside)
+            else:
+                self.storage.rm(uri, recursive=True)
 
     def invalidate(self, name: str) -> None:
         """Remove only the success marker, so the stage is redone from its inner checkpoints."""

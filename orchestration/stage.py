@@ -80,13 +80,21 @@ class Stage(abc.ABC):
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
-    # Other config sections whose values change this stage's output (e.g. "model").
+    # Other config sections or values whose change changes this stage's output ("model", "run.seed").
     extra_sections: ClassVar[tuple[str, ...]] = ()
     format_version: ClassVar[int] = 1
 
     def resources(self, config: Any) -> Resources:
         """The Ray resources this stage will ask for under ``config``."""
         return Resources()
+
+    def reusable(self, config: Any) -> dict[str, Any]:
+        """Paths inside the stage's folder (``"_work/embeddings"``) and the config values that
+        their contents depend on, as JSON-able values. When the stage's config changes, a path
+        whose values are those it was written under, with the same stages upstream, is kept and
+        the stage goes on from it; the rest of its folder is cleared. --force keeps nothing.
+        Default: nothing survives a config change."""
+        return {}
 
     @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,8 +159,17 @@ def test_smoke_pipeline_on_an_s3_run_dir_and_a_new_embedder_starts_curate_afresh
     changed = vfm("run", "-c", "smoke", "--run-dir", run_dir, "--set", "curate.embed.embedder=arch:vit_test",
                   "--set", "curate.embed.image_size=64", cwd=tmp_path, env=s3.env())
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert "[curate] starting from scratch (its config changed)" in changed.stderr
+    assert "[curate] its config changed: starting over, but keeping _work/listing, demo_pool" in changed.stderr
     assert centroid_dim() == 64  # vit_test's width
+    # Only the sampling changes: the embeddings on S3 are kept and read back, not made again.
+    resampled = vfm("run", "-c", "smoke", "--run-dir", run_dir, "--only", "curate", "--set",
+                    "curate.embed.embedder=arch:vit_test", "--set", "curate.embed.image_size=64", "--set",
+                    "curate.sample.target=0.2", cwd=tmp_path, env=s3.env())
+    assert resampled.returncode == 0, resampled.stderr[-3000:]
+    assert "keeping _work/listing, _work/embeddings, demo_pool" in resampled.stderr
+    assert re.search(r"\[curate\] \d+ images in \d+ chunks; 0 to embed", resampled.stderr)
+    assert centroid_dim() == 64
+    assert s3.storage.read_json(f"{run_dir}/curate/stats.json")["selected"] < stats["selected"]
 
 
 @pytest.mark.slow

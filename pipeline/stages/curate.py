@@ -56,7 +56,8 @@ def demo_pool_dir(ctx: StageContext) -> Path:
         return Path(ctx.section.demo_dir)
     if not Storage.is_remote(ctx.dir):
         return Path(ctx.dir) / "demo_pool"
-    return Path.home() / ".cache" / "vfm" / "demo_pool"
+    # Shared by the runs of this user, so one folder per seed: another seed makes another pool.
+    return Path.home() / ".cache" / "vfm" / f"demo_pool-seed{int(ctx.config.run.seed)}"
 
 
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
@@ -166,7 +167,23 @@ def _embedding_progress(ctx: StageContext, rows: dict[int, int]) -> Callable[[in
 
 class CurateStage(Stage):
     name = "curate"
+    extra_sections = ("run.seed",)  # the demo pool, k-means and sampling draw from it
     format_version = 1
+
+    def reusable(self, config) -> dict[str, dict]:
+        """The listing and the embeddings outlive a change of dedup, clustering, sampling or
+        retrieval settings: embedding a pool again is most of curation's cost."""
+        cfg = config.curate
+        demo = {"dir": cfg.demo_dir, "seed": int(config.run.seed)} if DEMO_SOURCE in cfg.sources else None
+        listing = {"sources": cfg.sources, "demo": demo, "sniff": cfg.sniff, "uri_column": cfg.uri_column,
+                   "chunk_size": cfg.embed.chunk_size}
+        embeddings = {"listing": listing, "decode": cfg.decode.model_dump(mode="json"),
+                      "embedder": cfg.embed.embedder,
+                      "image_size": None if cfg.embed.embedder == "builtin" else cfg.embed.image_size}
+        paths = {"_work/listing": listing, "_work/embeddings": embeddings}
+        if demo:
+            paths["demo_pool"] = demo
+        return paths
 
     def resources(self, config) -> Resources:
         embed = config.curate.embed
@@ -336,7 +353,10 @@ class CurateStage(Stage):
         is also copied into the curate folder, so that decode tasks on every node of a cluster
         read it (labels.parquet goes last and marks a complete copy)."""
         local = demo_pool_dir(ctx)
-        images = make_demo_pool(local, DemoPoolSpec(seed=seed))
+        try:
+            images = make_demo_pool(local, DemoPoolSpec(seed=seed))
+        except ValueError as exc:
+            raise ValueError(f"curate.demo_dir: {exc}") from None
         if not Storage.is_remote(ctx.dir):
             return str(images)
         remote = Storage.join(ctx.dir, "demo_pool")

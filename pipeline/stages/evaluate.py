@@ -136,11 +136,15 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    extra_sections = ("model",)
+    extra_sections = ("model", "run.seed")
 
     def resources(self, config: Any) -> Resources:
         section = config.evaluate
         return Resources(cpus=float(section.threads or 1), gpus=1.0 if section.device == "cuda" else 0.0)
+
+    def reusable(self, config: Any) -> dict[str, Any]:
+        # Saved features are named by a digest of the backbone and the images they came from.
+        return {"_work/features": {}}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg = ctx.section

@@ -212,6 +212,60 @@ def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_
     assert metrics["inputs"] == pq.read_metadata(tmp_path / "curate" / "manifest.parquet").num_rows
 
 
+def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the_listing(ray_session, mixed_pool,
+                                                                                        tmp_path, mlflow_uri):
+    from orchestration.engine import Engine
+    from pipeline.config.root import dump_config, flatten_config, load_config
+
+    run_dir, work = tmp_path / "run", tmp_path / "run" / "curate" / "_work"
+
+    def curate(*sets: str) -> tuple[dict[str, float], list[str]]:
+        config = load_config("smoke", [f"curate.sources=['{mixed_pool / 'pool'}']", "curate.embed.chunk_size=16",
+                                       f"mlflow.tracking_uri={mlflow_uri}", f"run.cache_dir={tmp_path / 'cache'}",
+                                       *sets])
+        lines: list[str] = []
+        engine = Engine(config, [CurateStage()], str(run_dir), storage=Storage(), version="test",
+                        dump_config=dump_config, flat_params=flatten_config, log=lines.append)
+        return engine.run().metrics["curate"], lines
+
+    def stamps(folder: str) -> dict[str, int]:
+        return {p.name: os.stat(p).st_mtime_ns for p in (work / folder).iterdir()}
+
+    first, _ = curate()
+    listing, embeddings = stamps("listing"), stamps("embeddings")
+    second, lines = curate("curate.sample.target=0.6")
+    assert "[curate] its config changed: starting over, but keeping _work/listing, _work/embeddings " \
+           "(made under the same settings)" in lines
+    assert stamps("listing") == listing and stamps("embeddings") == embeddings  # nothing listed or embedded again
+    assert second["selected"] > first["selected"] and second["inputs"] == first["inputs"]
+    manifest = pq.read_table(tmp_path / "run" / "curate" / "manifest.parquet")
+    assert sum(manifest.column("selected").to_pylist()) == second["selected"]  # outputs made anew
+    third, lines = curate("curate.sample.target=0.6", "curate.embed.embedder=arch:vit_test",
+                          "curate.embed.image_size=32")
+    assert "[curate] its config changed: starting over, but keeping _work/listing (made under the same settings)" \
+           in lines
+    assert stamps("listing") == listing
+    assert set(stamps("embeddings")) == set(embeddings) and not set(stamps("embeddings").items()) & set(
+        embeddings.items())  # every chunk embedded again
+    assert np.load(tmp_path / "run" / "curate" / "clusters" / "centroids_l1.npy").shape[1] == 64  # vit_test's
+    _, lines = curate("curate.sample.target=0.6", "curate.embed.embedder=arch:vit_test",
+                      "curate.embed.image_size=32", "run.seed=1")
+    assert any("keeping _work/listing, _work/embeddings" in line for line in lines)  # new clusters, same embeddings
+
+
+def test_a_demo_pool_made_from_another_seed_is_refused_not_reused(tmp_path):
+    from data_curation.demo_pool import DemoPoolSpec, make_demo_pool, pool_spec
+
+    images = make_demo_pool(tmp_path / "demo", DemoPoolSpec(seed=3))
+    before = sorted(p.name for p in images.iterdir())
+    assert pool_spec(tmp_path / "demo") == DemoPoolSpec(seed=3)
+    assert make_demo_pool(tmp_path / "demo", DemoPoolSpec(seed=3)) == images  # the same pool, reused
+    with pytest.raises(ValueError, match=r"demo holds a demo pool made from DemoPoolSpec\(.*seed=3\), not "
+                                         r"DemoPoolSpec\(.*seed=4\)"):
+        make_demo_pool(tmp_path / "demo", DemoPoolSpec(seed=4))
+    assert sorted(p.name for p in images.iterdir()) == before  # nothing of it was touched
+
+
 @pytest.mark.slow
 def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path):
     ctx = _context(tmp_path, CurateConfig())

@@ -52,6 +52,30 @@ def test_stage_without_checkpoint_reports_the_baselines_and_reuses_features(loca
 
 
 @pytest.mark.slow
+def test_a_changed_evaluate_config_reuses_the_saved_features(local_ray, tmp_path, mlflow_uri, capsys):
+    from orchestration.engine import Engine
+    from pipeline.config.core import MlflowConfig, RunConfig
+    from pipeline.config.root import dump_config, flatten_config
+
+    def evaluate(**changes) -> list[str]:
+        config = Config(evaluate=EvaluateConfig(**{**TINY, **changes}), mlflow=MlflowConfig(tracking_uri=mlflow_uri),
+                        run=RunConfig(cache_dir=str(tmp_path / "cache")))
+        lines: list[str] = []
+        Engine(config, [EvaluateStage()], str(tmp_path / "run"), storage=Storage(), version="test",
+               dump_config=dump_config, flat_params=flatten_config, log=lines.append).run()
+        return lines
+
+    evaluate()
+    capsys.readouterr()
+    lines = evaluate(knn_k=[5])
+    assert "[evaluate] its config changed: starting over, but keeping _work/features (made under the same " \
+           "settings)" in lines
+    assert "reusing features saved by an earlier attempt" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "evaluate" / "report.json").read_text())
+    assert "knn_k5_top1" in json.dumps(report) and "knn_k20_top1" not in json.dumps(report)
+
+
+@pytest.mark.slow
 def test_stage_rejects_a_checkpoint_of_another_architecture(local_ray, tmp_path):
     folder = tiny_hf_folder(tmp_path / "hf")
     config = Config(evaluate=EvaluateConfig(checkpoint=str(folder), **TINY))

@@ -22,6 +22,7 @@ from pipeline.config.load import dump_config, flatten_config
 
 class StepConfig(Section):
     value: int = 1
+    note: str = ""  # changes the fingerprint, not what the pieces depend on
     fail: bool = False
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
@@ -53,6 +54,9 @@ class StepStage(Stage):
         section = getattr(config, self.name)
         return Resources(cpus=section.cpus, gpus=section.gpus, held_cpus=section.held_cpus,
                          held_by=f"{self.name}.held_cpus")
+
+    def reusable(self, config) -> dict:
+        return {"_work": {"value": getattr(config, self.name).value}}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray

@@ -64,6 +64,30 @@ def test_changed_section_reruns_exactly_that_stage_and_downstream(tmp_path, mlfl
     assert json.loads((run_dir / "c" / "out.json").read_text())["total"] == 1 + 9 + 1
 
 
+def test_a_changed_config_keeps_the_inner_checkpoints_made_under_the_same_settings(tmp_path, mlflow_uri,
+                                                                                   ray_session):
+    run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
+    make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()
+    lines: list[str] = []
+    result = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(note="n")), str(run_dir), log=lines.append).run()
+    assert result.ran == ["b", "c"]
+    assert result.metrics["b"]["pieces_done"] == 0  # its pieces depend on nothing that changed
+    assert result.metrics["c"]["pieces_done"] == 5  # a stage upstream changed: c keeps nothing
+    assert "[b] its config changed: starting over, but keeping _work (made under the same settings)" in lines
+    assert "[c] starting from scratch (its config changed)" in lines
+    assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]  # the rest of b's folder was cleared
+    [b_cache] = (tmp_path / "cache").glob("*/b/values.log")
+    assert b_cache.read_text() == "1\n"  # and its local cache
+    noted = cfg(mlflow_uri, run=run, b=StepConfig(value=2, note="n"))
+    assert make_engine(noted, str(run_dir)).run().metrics["b"]["pieces_done"] == 5  # a value they depend on
+    marker = run_dir / "b" / "_SUCCESS.json"  # a marker written before vfm recorded what pieces depend on
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "reusable"}))
+    renoted = cfg(mlflow_uri, run=run, b=StepConfig(value=2, note="m"))
+    assert make_engine(renoted, str(run_dir)).run().metrics["b"]["pieces_done"] == 5
+    forced = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(value=2)), str(run_dir)).run(only="b", force=True)
+    assert forced.metrics["b"]["pieces_done"] == 5
+
+
 def test_one_parent_and_one_nested_run_per_stage_in_mlflow(tmp_path, mlflow_uri, ray_session):
     run_dir = tmp_path / "run"
     make_engine(cfg(mlflow_uri), str(run_dir)).run()

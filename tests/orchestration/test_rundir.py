@@ -1,0 +1,43 @@
+"""Clearing a stage folder but for the paths it keeps, on local disk and on the real S3 server."""
+from __future__ import annotations
+
+import pytest
+
+from data_curation.storage import Storage
+from orchestration.rundir import RunDir
+
+FILES = ["manifest.parquet", "_SUCCESS.json", "_work/listing/chunk-000000.parquet", "_work/listing/_DONE.json",
+         "_work/embeddings/chunk-000000.parquet", "_work/embeddings/chunk-000000.embedding.npy",
+         "_work/assign/part.npy", "demo_pool/images/img-000000.png", "demo_pool/labels.parquet",
+         "plots/cluster_sizes.png"]
+
+
+def _stage(storage: Storage, root: str) -> RunDir:
+    rundir = RunDir(root, storage)
+    for name in FILES:
+        storage.write_text(rundir.path("curate", name), name)
+    storage.write_text(rundir.path("shard", "index.parquet"), "another stage")
+    return rundir
+
+
+def _left(storage: Storage, rundir: RunDir) -> list[str]:
+    prefix = rundir.stage_dir("curate").rstrip("/") + "/"
+    return sorted(uri[len(prefix):] for uri in storage.walk_files(rundir.stage_dir("curate")))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_clearing_a_stage_keeps_exactly_the_named_paths(where, tmp_path, request):
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        storage, root = s3.storage, s3.uri("run")
+    else:
+        storage, root = Storage(), str(tmp_path / "run")
+    rundir = _stage(storage, root)
+    rundir.clear_stage("curate", ("_work/listing", "_work/embeddings/", "demo_pool", "not/there"))
+    assert _left(storage, rundir) == sorted(n for n in FILES if n.startswith(("_work/listing/", "_work/embeddings/",
+                                                                              "demo_pool/")))
+    assert storage.read_text(rundir.path("curate", "_work/embeddings/chunk-000000.embedding.npy")) \
+        == "_work/embeddings/chunk-000000.embedding.npy"  # untouched, not rewritten
+    rundir.clear_stage("curate")
+    assert _left(storage, rundir) == []
+    assert storage.read_text(rundir.path("shard", "index.parquet")) == "another stage"
