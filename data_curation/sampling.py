@@ -95,7 +95,12 @@ def balanced_sample(levels: np.ndarray, target: int, seed: int = 0, *, leaf_pick
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
-def resolve_target(target: float, available: int) -> int:
-    """A target given as a count (>= 1) or a fraction of ``available`` (< 1), as a count."""
-    count = int(round(target * available)) if 0 < target < 1 else int(target)
+def resolve_target(target: int | float, available: int) -> int:
+    """A target given as a count (an int) or a fraction of ``available`` (a float in (0, 1]), as a count."""
+    if isinstance(target, float):
+        if not 0 < target <= 1:
+            raise ValueError(f"a sampling target given as a fraction must be in (0, 1], not {target}")
+        count = int(round(target * available))
+    else:
+        count = int(target)
     return max(0, min(count, available))

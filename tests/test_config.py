@@ -44,6 +44,15 @@ def test_wrong_type_names_the_path(tmp_path):
         load_config(str(path))
 
 
+def test_a_sampling_target_is_a_whole_count_or_a_fraction_up_to_one():
+    assert load_config("smoke", ["curate.sample.target=300"]).curate.sample.target == 300
+    everything = load_config("smoke", ["curate.sample.target=1.0"]).curate.sample.target
+    assert isinstance(everything, float) and everything == 1.0  # every image, not one image
+    with pytest.raises(ConfigError, match=r"curate.sample.target: .*1.5 is neither a fraction of the pool \(at most "
+                                          r"1.0\) nor a count .*e.g. 2\)"):
+        load_config("smoke", ["curate.sample.target=1.5"])
+
+
 def test_unknown_key_in_set_names_the_path():
     with pytest.raises(ConfigError, match=r"--set shard.nope=1: unknown key 'shard.nope'"):
         load_config("smoke", ["shard.nope=1"])

@@ -67,14 +67,23 @@ class ClusterConfig(Section):
 
 
 class SampleConfig(Section):
-    target: float = Field(0.2, gt=0, description="Images to select: a count (>= 1) or a fraction (< 1) of "
-                          "the deduplicated pool.")
+    target: int | float = Field(0.2, gt=0, description="Images to select: a whole number is a count (300), a "
+                                "number with a decimal point a fraction of the deduplicated pool, at most 1.0 "
+                                "(0.3; 1.0 keeps every image).")
     leaf_pick: Literal["random", "closest"] = Field("random", description="How a level-1 cluster gives its "
                                                     "share: random images or those closest to its centroid.")
     weighting: Literal["equal", "leaves"] = Field("equal", description="'equal': Vo et al.'s cap rule, every "
                                                   "child of a node has the same cap; 'leaves': caps scale with "
                                                   "the number of level-1 clusters below each child (measured "
                                                   "worse on the demo pool, see bench/curation_quality.py).")
+
+    @field_validator("target")
+    @classmethod
+    def _count_or_fraction(cls, target: int | float) -> int | float:
+        if isinstance(target, float) and target > 1:
+            raise ValueError(f"{target} is neither a fraction of the pool (at most 1.0) nor a count (a whole "
+                             f"number, written without a decimal point, e.g. {max(1, round(target))})")
+        return target
 
 
 class RetrievalConfig(Section):

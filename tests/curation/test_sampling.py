@@ -72,3 +72,6 @@ def test_target_as_count_or_fraction():
     assert resolve_target(0.25, 200) == 50
     assert resolve_target(30, 200) == 30
     assert resolve_target(500, 200) == 200
+    assert resolve_target(1.0, 200) == 200 and resolve_target(1, 200) == 1  # a fraction of all; one image
+    with pytest.raises(ValueError, match="must be in"):
+        resolve_target(1.5, 200)
