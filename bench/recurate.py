@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from data_curation.storage import Storage  # noqa: E402
-from orchestration.engine import Engine  # noqa: E402
-from pipeline.config.root import dump_config, flatten_config, load_config  # noqa: E402
+from pipeline.config.root import load_config  # noqa: E402
+from pipeline.stages import pipeline_engine  # noqa: E402
 from pipeline.stages.curate import CurateStage  # noqa: E402
 
 
@@ -40,8 +39,7 @@ def curate(run_dir: Path, tmp: Path, sets: list[str]) -> dict:
     config = load_config("local", [f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
                                    f"run.cache_dir={tmp / 'cache'}", *sets])
     lines: list[str] = []
-    engine = Engine(config, [CurateStage()], str(run_dir), storage=Storage(), version="bench",
-                    dump_config=dump_config, flat_params=flatten_config, log=lines.append)
+    engine = pipeline_engine(config, str(run_dir), [CurateStage()], lines.append)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         metrics = engine.run().metrics["curate"]

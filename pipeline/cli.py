@@ -50,14 +50,9 @@ def _storage_from_sets(sets: list[str]):
 
 
 def _engine(config, run_dir: str):
-    from data_curation.storage import Storage
-    from orchestration.engine import Engine
-    from pipeline.config.root import dump_config, flatten_config
-    from pipeline.stages import pipeline_stages
+    from pipeline.stages import pipeline_engine
 
-    storage = Storage(config.storage.s3_options())
-    return Engine(config, pipeline_stages(), run_dir, storage=storage, version=__version__,
-                  dump_config=dump_config, flat_params=flatten_config, log=_log)
+    return pipeline_engine(config, run_dir, log=_log)
 
 
 def _saved_config(run_dir: str, sets: list[str]):

@@ -97,8 +97,9 @@ class CurateConfig(Section):
                                "s3:// prefixes, .parquet/.csv lists of URIs, WebDataset .tar files; 'demo:' "
                                "generates the demo pool (MNIST/LFW/photos, Zipf-skewed, with duplicates).")
     demo_dir: str | None = Field(None, description="Where 'demo:' writes its pool (local); default: "
-                                 "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool-seedN (N = run.seed) for remote run "
-                                 "dirs, which also get a copy in their curate folder for every node to read.")
+                                 "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool-seedN (N = run.seed) "
+                                 "for remote run dirs, which also get a copy in their curate folder for every node "
+                                 "to read.")
     sniff: bool = Field(True, description="List files without an image extension when their first bytes "
                         "look like an image.")
     uri_column: str = Field("uri", description="The column holding URIs in .parquet/.csv source lists.")

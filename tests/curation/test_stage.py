@@ -214,8 +214,8 @@ def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_
 
 def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the_listing(ray_session, mixed_pool,
                                                                                         tmp_path, mlflow_uri):
-    from orchestration.engine import Engine
-    from pipeline.config.root import dump_config, flatten_config, load_config
+    from pipeline.config.root import load_config
+    from pipeline.stages import pipeline_engine
 
     run_dir, work = tmp_path / "run", tmp_path / "run" / "curate" / "_work"
 
@@ -224,9 +224,7 @@ def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the
                                        f"mlflow.tracking_uri={mlflow_uri}", f"run.cache_dir={tmp_path / 'cache'}",
                                        *sets])
         lines: list[str] = []
-        engine = Engine(config, [CurateStage()], str(run_dir), storage=Storage(), version="test",
-                        dump_config=dump_config, flat_params=flatten_config, log=lines.append)
-        return engine.run().metrics["curate"], lines
+        return pipeline_engine(config, str(run_dir), [CurateStage()], lines.append).run().metrics["curate"], lines
 
     def stamps(folder: str) -> dict[str, int]:
         return {p.name: os.stat(p).st_mtime_ns for p in (work / folder).iterdir()}

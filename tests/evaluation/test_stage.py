@@ -53,16 +53,14 @@ def test_stage_without_checkpoint_reports_the_baselines_and_reuses_features(loca
 
 @pytest.mark.slow
 def test_a_changed_evaluate_config_reuses_the_saved_features(local_ray, tmp_path, mlflow_uri, capsys):
-    from orchestration.engine import Engine
     from pipeline.config.core import MlflowConfig, RunConfig
-    from pipeline.config.root import dump_config, flatten_config
+    from pipeline.stages import pipeline_engine
 
     def evaluate(**changes) -> list[str]:
         config = Config(evaluate=EvaluateConfig(**{**TINY, **changes}), mlflow=MlflowConfig(tracking_uri=mlflow_uri),
                         run=RunConfig(cache_dir=str(tmp_path / "cache")))
         lines: list[str] = []
-        Engine(config, [EvaluateStage()], str(tmp_path / "run"), storage=Storage(), version="test",
-               dump_config=dump_config, flat_params=flatten_config, log=lines.append).run()
+        pipeline_engine(config, str(tmp_path / "run"), [EvaluateStage()], lines.append).run()
         return lines
 
     evaluate()
