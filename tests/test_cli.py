@@ -134,7 +134,7 @@ def test_smoke_pipeline_then_noop_then_only_changed_stage_reruns(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_on_an_s3_run_dir_and_a_new_embedder_starts_curate_afresh(tmp_path, s3):
+def test_smoke_pipeline_on_an_s3_run_dir_then_a_new_embedder_embeds_again_and_a_new_target_does_not(tmp_path, s3):
     import numpy as np
     import pyarrow.parquet as pq
 
