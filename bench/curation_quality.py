@@ -1,9 +1,10 @@
 """Curation quality on the demo pool: class balance of the selection and duplicate detection.
 
-Runs the curation library (decode, built-in embedder, dedup, hierarchical k-means,
-balanced sampling) in-process on the demo pool, with the curation settings of a config
-(``--config``, by default ``local``: what the embedded default run uses; ``--set`` overrides
-one value as ``vfm run --set`` does), and scores it with the hidden labels:
+Runs the curation library (decode, embedder, dedup, hierarchical k-means, balanced
+sampling) in-process on the demo pool, with the curation settings of a config (``--config``,
+by default ``local``: what the embedded default run uses, the built-in embedder; ``--set``
+overrides one value as ``vfm run --set`` does, e.g. ``curate.embed.embedder=PATH`` for a
+trained backbone), and scores it with the hidden labels:
 
 - balance: entropy of the hidden-class distribution / log(#classes), for the raw pool
   (accepted images), the curated selection, and baselines of the same size measured in
@@ -41,17 +42,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_curation.decode import DecodeLimits  # noqa: E402
 from data_curation.dedup import deduplicate  # noqa: E402
 from data_curation.demo_pool import DemoPoolSpec, make_demo_pool, read_labels  # noqa: E402
-from data_curation.embedders import GradientHistogramEmbedder  # noqa: E402
+from data_curation.embedders import build_embedder  # noqa: E402
 from data_curation.hkmeans import KMeansParams, assign, fit_hierarchy  # noqa: E402
 from data_curation.manifest import normalized_entropy  # noqa: E402
 from data_curation.sampling import balanced_sample, resolve_target  # noqa: E402
 from data_curation.scan import scan_uris  # noqa: E402
 from data_curation.sources import iter_source  # noqa: E402
 from pipeline.config.root import load_config  # noqa: E402
-from pipeline.stages.curate import kmeans_params  # noqa: E402
+from pipeline.stages.curate import decode_limits, kmeans_params  # noqa: E402
 
 
 def pair_scores(groups: np.ndarray, families: np.ndarray) -> tuple[float, float]:
@@ -97,7 +97,8 @@ def run_once(seed: int, curate, kmeans_repeats: int, work: Path) -> dict:
     info = {u: (c, f) for u, c, f in zip(labels["uri"], labels["class"], labels["family"], strict=True)}
     uris = list(iter_source(str(pool)))
     t0 = time.perf_counter()
-    rows = scan_uris(uris, GradientHistogramEmbedder(), DecodeLimits())
+    rows = scan_uris(uris, build_embedder(curate.embed.embedder, curate.embed.image_size),
+                     decode_limits(curate.decode))
     scan_s = time.perf_counter() - t0
     acc = np.flatnonzero(rows["accepted"])
     classes = np.array([info[rows["uri"][i]][0] for i in acc], dtype=object)
@@ -187,6 +188,7 @@ def main() -> None:
                                              and summary["min_balance_curated_over_kmeans_draws"] >= 0.9)
     levels = ",".join(f"{level.k}:{level.resampling_steps}" for level in curate.cluster.levels)
     print(json.dumps({"bench": "curation_quality", "config": args.config, "overrides": args.overrides,
+                      "embedder": curate.embed.embedder,
                       "levels": levels, "target": curate.sample.target, "weighting": curate.sample.weighting,
                       "kmeans_repeats": args.kmeans_repeats,
                       "summary": summary, "runs": runs}, indent=2))

@@ -51,6 +51,11 @@ def kmeans_params(cfg, seed: int) -> KMeansParams:
                         init_points_per_centroid=cfg.init_points_per_centroid, seed=seed)
 
 
+def decode_limits(cfg) -> DecodeLimits:
+    """The ``curate.decode`` section as the decoder's limits."""
+    return DecodeLimits(cfg.max_pixels, cfg.min_side, cfg.max_aspect)
+
+
 def demo_pool_dir(ctx: StageContext) -> Path:
     if ctx.section.demo_dir:
         return Path(ctx.section.demo_dir)
@@ -196,7 +201,7 @@ class CurateStage(Stage):
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
         demo = self._demo_images(ctx, seed) if DEMO_SOURCE in cfg.sources else None
         sources = [s for s in cfg.sources if s != DEMO_SOURCE] + ([demo] if demo else [])
-        limits = DecodeLimits(cfg.decode.max_pixels, cfg.decode.min_side, cfg.decode.max_aspect)
+        limits = decode_limits(cfg.decode)
 
         listing_root = Storage.join(ctx.work_dir, "listing")
         try:
@@ -226,15 +231,18 @@ class CurateStage(Stage):
         accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
         n = meta.num_rows
         rejected = {reason: int((reasons == reason).sum()) for reason in REJECT_REASONS}
+        reasons_seen = ", ".join(f"{reason} {count}" for reason, count in rejected.items() if count)
         if len(accepted_rows) == 0:  # nothing worth keeping: the next attempt reads the fixed sources anew
             store.clear()
             storage.rm(listing_root, recursive=True)
-            raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; rejected: "
-                             + ", ".join(f"{reason} {count}" for reason, count in rejected.items() if count))
+            raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; "
+                             f"rejected: {reasons_seen}")
 
         dedup = self._dedup(cfg, chunks, meta, accepted_rows)
         kept_rows = accepted_rows[dedup.kept]
-        ctx.log(f"{len(accepted_rows)} accepted, {len(kept_rows)} after dedup")
+        ctx.log(f"{len(accepted_rows)} accepted, {n - len(accepted_rows)} rejected"
+                + (f" ({reasons_seen})" if reasons_seen else "")
+                + f"; {len(kept_rows)} after dedup ({dedup.n_exact} exact, {dedup.n_near} near duplicates removed)")
 
         hierarchy, level1, distance = self._cluster(cfg, store, chunks, dedup.kept, seed, ctx)
         levels = hierarchy.levels_of(level1)  # (n_kept, L)
@@ -285,8 +293,10 @@ class CurateStage(Stage):
             storage.put_file(path, Storage.join(ctx.dir, "plots", path.name))
             ctx.tracker.log_artifact(path, "plots")
         storage.write_json(Storage.join(ctx.dir, "stats.json"), {**metrics, "listing_problems": problems.lines()})
+        hidden = (f"; demo pool's hidden-class balance {metrics['class_balance_before']:.3f} -> "
+                  f"{metrics['class_balance_after']:.3f}") if "class_balance_after" in metrics else ""
         ctx.log(f"selected {int(metrics['selected'])} of {n}; balance of top clusters "
-                f"{metrics['balance_before']:.3f} -> {metrics['balance_after']:.3f}")
+                f"{metrics['balance_before']:.3f} -> {metrics['balance_after']:.3f}{hidden}")
         return metrics
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data_curation.builtin import load_builtin
+from data_curation.decode import REJECT_REASONS
 from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
 from orchestration.stage import StageContext
@@ -28,6 +30,16 @@ class KilledAfterFirstChunk(StageContext):
         super().log(message)
         if message.startswith("embedded chunk"):
             raise KeyboardInterrupt  # what a kill between two chunks looks like to the stage
+
+
+@dataclass
+class Recording(StageContext):
+    """Keeps every line the stage logs."""
+    lines: list[str] = field(default_factory=list)
+
+    def log(self, message: str) -> None:
+        super().log(message)
+        self.lines.append(message)
 
 
 def _context(root: Path, section: CurateConfig, cls=StageContext, storage: Storage | None = None) -> StageContext:
@@ -77,10 +89,15 @@ def _section(root: Path) -> CurateConfig:
 
 
 def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixed_pool, tmp_path):
-    ctx = _context(tmp_path, _section(mixed_pool))
+    ctx = _context(tmp_path, _section(mixed_pool), Recording)
     metrics = CurateStage().run(ctx)
     manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet").to_pandas()
     n_bad, n_odd = len(bad_files()), len(odd_files())
+    reasons = ", ".join(f"{reason} 1" for reason in REJECT_REASONS if reason in bad_files())
+    near = int(metrics["duplicates_near"])
+    assert metrics["duplicates_exact"] == 1
+    assert (f"{41 + n_odd + 2} accepted, {n_bad} rejected ({reasons}); {41 + n_odd + 2 - 1 - near} after dedup "
+            f"(1 exact, {near} near duplicates removed)") in ctx.lines
     assert len(manifest) == metrics["inputs"] == 40 + 1 + n_bad + n_odd + 2
     for reason in bad_files():
         rows = manifest[manifest.uri.str.contains(f"bad-{reason}")]
@@ -266,9 +283,11 @@ def test_a_demo_pool_made_from_another_seed_is_refused_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path):
-    ctx = _context(tmp_path, CurateConfig())
+    ctx = _context(tmp_path, CurateConfig(), Recording)
     metrics = CurateStage().run(ctx)
     assert metrics["rejected"] == 5 and metrics["duplicates"] > 100
+    assert ctx.lines[-1].endswith(f"demo pool's hidden-class balance {metrics['class_balance_before']:.3f} -> "
+                                  f"{metrics['class_balance_after']:.3f}")
     assert metrics["class_balance_after"] > metrics["class_balance_before"] + 0.1
     assert ("class_histogram.png", "plots") in ctx.tracker.artifacts
 
