@@ -91,6 +91,13 @@ def stop_ray(started: dict[str, Any]) -> None:
         ray.shutdown()
 
 
+def cluster_gpus() -> float:
+    """GPUs of the whole Ray cluster (0 on a CPU-only one)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def largest_node() -> dict[str, float]:
     """CPUs and GPUs of the biggest alive node: one task can never ask for more than that."""
     import ray

@@ -95,6 +95,11 @@ def test_an_embedding_pool_that_would_starve_decoding_is_one_line(tmp_path):
     assert not (tmp_path / "runs" / "smoke" / "curate").exists()
 
 
+def test_gpu_embedding_actors_on_a_cpu_cluster_are_one_line(tmp_path):
+    line = one_error_line(vfm("run", "-c", "smoke", "--set", "curate.embed.gpus_per_actor=1", cwd=tmp_path))
+    assert "stage curate needs 1 CPUs and 1 GPUs in one task" in line and "0 GPUs" in line
+
+
 def test_plan_prints_the_7b_parameter_count(tmp_path):
     out = vfm("plan", "-c", "vit7b", "--json", "--nodes", "4", "--gpus-per-node", "8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -35,6 +35,7 @@ from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape, scan_uris
 from data_curation.sources import ListingCursor, ListingProblems, SourceError, iter_sources
 from data_curation.storage import Storage
+from orchestration.ray_runtime import cluster_gpus
 from orchestration.stage import Resources, Stage, StageContext
 from pipeline.stages.curate_ray import assign_chunks, embed_chunks
 
@@ -49,6 +50,19 @@ def kmeans_params(cfg, seed: int) -> KMeansParams:
                         iterations=cfg.iterations, resample_iterations=cfg.resample_iterations,
                         max_points_per_centroid=cfg.max_points_per_centroid,
                         init_points_per_centroid=cfg.init_points_per_centroid, seed=seed)
+
+
+def embedding_pool(embed, cluster_gpus: Callable[[], float]) -> tuple[int, float]:
+    """(actors, GPUs per actor) of the embedding pool, with ``auto`` resolved: GPU actors
+    when the embedder is a backbone and the cluster has a GPU (``cluster_gpus()``, asked
+    only then), one per GPU; otherwise one CPU actor."""
+    gpus = embed.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1.0 if embed.embedder != "builtin" and cluster_gpus() >= 1 else 0.0
+    actors = embed.actors
+    if actors == "auto":
+        actors = max(1, int(cluster_gpus() // gpus)) if gpus > 0 else 1
+    return int(actors), float(gpus)
 
 
 def decode_limits(cfg) -> DecodeLimits:
@@ -192,10 +206,11 @@ class CurateStage(Stage):
 
     def resources(self, config) -> Resources:
         embed = config.curate.embed
-        return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=embed.gpus_per_actor,
-                         held_cpus=embed.actors * embed.cpus_per_actor, held_gpus=embed.actors * embed.gpus_per_actor,
-                         held_by=f"curate.embed.actors={embed.actors} x cpus_per_actor={embed.cpus_per_actor:g}, "
-                                 f"gpus_per_actor={embed.gpus_per_actor:g}")
+        actors, gpus = embedding_pool(embed, cluster_gpus)
+        return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=gpus,
+                         held_cpus=actors * embed.cpus_per_actor, held_gpus=actors * gpus,
+                         held_by=f"curate.embed.actors={actors} x cpus_per_actor={embed.cpus_per_actor:g}, "
+                                 f"gpus_per_actor={gpus:g}")
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
@@ -213,13 +228,15 @@ class CurateStage(Stage):
         seed_uris = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
         store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "embeddings")
         todo = sorted(set(rows_per_chunk) - store.done())
-        ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed")
+        actors, gpus = embedding_pool(cfg.embed, cluster_gpus)
+        each = f"{cfg.embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+        ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed"
+                + (f" on {actors} actor{'s' * (actors > 1)} ({each}{' each' * (actors > 1)})" if todo else ""))
         shape = prepared_shape(build_preparer(cfg.embed.embedder, cfg.embed.image_size))
         embed_chunks([_listing_chunk(listing_root, i) for i in todo],
                      {i: rows_per_chunk[i] for i in todo}, store, limits=limits, embedder=cfg.embed.embedder,
                      image_size=cfg.embed.image_size, prepared_shape=shape, batch_size=cfg.embed.batch_size,
-                     actors=cfg.embed.actors, cpus_per_actor=cfg.embed.cpus_per_actor,
-                     gpus_per_actor=cfg.embed.gpus_per_actor,
+                     actors=actors, cpus_per_actor=cfg.embed.cpus_per_actor, gpus_per_actor=gpus,
                      on_chunk=_embedding_progress(ctx, {i: rows_per_chunk[i] for i in todo}))
 
         chunks = store.read_all(sorted(rows_per_chunk))

@@ -31,7 +31,7 @@ from models.evaluation.report import RANDOM_INIT, TRAINED, flat_metrics, render_
 from models.evaluation.suite import EvalSettings, dataset_slug, evaluate_backbone
 from models.vision_transformer import ViTSpec
 from models.weights import CheckpointError
-from orchestration.ray_runtime import remote_cause
+from orchestration.ray_runtime import cluster_gpus, remote_cause
 from orchestration.stage import Resources, Stage, StageContext
 
 # Errors that mean "the input is wrong", shown as their one-line message.
@@ -69,7 +69,7 @@ class RayEncoder:
         if self.storage.exists(uri):
             self.log(f"reusing features saved by an earlier attempt: {uri}")
             return _load_encoded(self.storage.read_bytes(uri))
-        gpus = 1 if device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
+        gpus = 1 if device == "cuda" or (device == "auto" and cluster_gpus() >= 1) else 0
         task = _encode_task.options(num_cpus=self.threads or 1, num_gpus=gpus)
         try:
             encoded = ray.get(task.remote(source, image_sets, patch_sets, resolution, batch_size,

@@ -19,8 +19,8 @@ from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
-from pipeline.config.curate import CurateConfig
-from pipeline.stages.curate import CurateStage, write_listing
+from pipeline.config.curate import CurateConfig, EmbedConfig
+from pipeline.stages.curate import CurateStage, embedding_pool, write_listing
 from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
 
@@ -127,6 +127,25 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     for _, row in selected.iterrows():  # the shard stage re-reads the bytes and checks them
         assert Storage().read_bytes(row.uri) and row.sha256 == row.id
     assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
+
+
+def test_the_embedding_pool_takes_one_gpu_actor_per_gpu_for_a_backbone_and_one_cpu_actor_otherwise():
+    def gpus(n: float):
+        return lambda: n
+
+    def never() -> float:
+        raise AssertionError("the cluster was asked for its GPUs")
+
+    auto = EmbedConfig()
+    backbone = EmbedConfig(embedder="/models/dinov3-vitl16")
+    assert embedding_pool(auto, never) == (1, 0.0)  # the built-in embedder is numpy: no GPU, no question
+    assert embedding_pool(backbone, gpus(8)) == (8, 1.0)
+    assert embedding_pool(backbone, gpus(0)) == (1, 0.0)
+    assert embedding_pool(backbone.model_copy(update={"gpus_per_actor": 0.5}), gpus(4)) == (8, 0.5)
+    assert embedding_pool(backbone.model_copy(update={"actors": 3}), gpus(8)) == (3, 1.0)
+    assert embedding_pool(backbone.model_copy(update={"gpus_per_actor": 0.0}), never) == (1, 0.0)
+    # asked for GPUs on a CPU cluster: one actor, which the engine's resource check then refuses in one line
+    assert embedding_pool(auto.model_copy(update={"gpus_per_actor": 1.0}), gpus(0)) == (1, 1.0)
 
 
 def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(ray_session, tmp_path):
