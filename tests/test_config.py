@@ -53,6 +53,17 @@ def test_a_sampling_target_is_a_whole_count_or_a_fraction_up_to_one():
         load_config("smoke", ["curate.sample.target=1.5"])
 
 
+def test_a_value_that_fits_no_member_of_a_union_is_one_entry_naming_each_rule():
+    assert load_config("smoke", ["curate.embed.actors=4"]).curate.embed.actors == 4
+    assert load_config("smoke").curate.embed.gpus_per_actor == "auto"
+    with pytest.raises(ConfigError) as caught:
+        load_config("smoke", ["curate.embed.actors=0", "curate.embed.gpus_per_actor=lots"])
+    assert str(caught.value).endswith(
+        ": curate.embed.actors: Input should be greater than or equal to 1 or 'auto' (got 0); "
+        "curate.embed.gpus_per_actor: Input should be a valid number, unable to parse string as a number or "
+        "'auto' (got 'lots')")
+
+
 def test_unknown_key_in_set_names_the_path():
     with pytest.raises(ConfigError, match=r"--set shard.nope=1: unknown key 'shard.nope'"):
         load_config("smoke", ["shard.nope=1"])

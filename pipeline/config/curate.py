@@ -1,7 +1,7 @@
 """The ``curate`` section: sources, decoding limits, embedding, dedup, clustering, sampling."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -23,28 +23,14 @@ class EmbedConfig(Section):
                             "patch size); the built-in embedder always uses 32.")
     batch_size: int = Field(256, ge=1, description="Images per embedding batch.")
     chunk_size: int = Field(2048, ge=1, description="Images per embedding chunk: the unit of resume.")
-    actors: int | Literal["auto"] = Field("auto", description="Embedding actors in the Ray Data actor pool; "
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto", description="Embedding actors in the Ray Data actor pool; "
                                           "auto: one per GPU of the Ray cluster when the actors take GPUs, else 1.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves (also its torch "
                                   "threads). actors x cpus_per_actor must leave at least one CPU of the cluster free for the "
                                   "Ray Data read tasks that feed the pool; a run that would not is refused before it starts.")
-    gpus_per_actor: float | Literal["auto"] = Field("auto", description="GPUs each embedding actor reserves; "
+    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = Field("auto", description="GPUs each embedding actor reserves; "
                                                     "auto: 1 when the embedder is a backbone and the Ray cluster "
                                                     "has a GPU, else 0 (the built-in embedder runs on CPU).")
-
-    @field_validator("actors")
-    @classmethod
-    def _positive_actors(cls, actors: int | str) -> int | str:
-        if isinstance(actors, int) and actors < 1:
-            raise ValueError(f"{actors} actors: give at least 1, or auto")
-        return actors
-
-    @field_validator("gpus_per_actor")
-    @classmethod
-    def _no_negative_gpus(cls, gpus: float | str) -> float | str:
-        if isinstance(gpus, float) and gpus < 0:
-            raise ValueError(f"{gpus:g} GPUs per actor: give 0 or more, or auto")
-        return gpus
 
 
 class DedupConfig(Section):

@@ -121,15 +121,31 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any, model: ty
         node = child
 
 
+# The loc entry pydantic adds for each member of a union (``int | Literal["auto"]``).
+_UNION_MEMBER = re.compile(r"int|float|str|bool|constrained-\w+|literal\[.*\]")
+_SHOULD = "Input should be "
+
+
 def _format_validation(exc: ValidationError, label: str) -> str:
-    problems = []
+    """One line: each failing key, what it should be and what it got. A value that fits no
+    member of a union gets one entry naming every member's rule."""
+    problems: dict[str, tuple[list[str], str]] = {}  # path -> (rules, " (got ...)")
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        while len(loc) > 1 and _UNION_MEMBER.fullmatch(loc[-1]):
+            loc.pop()
+        path = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown key")
+            problems[path] = (["unknown key"], "")
         else:
-            problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
-    return f"{label}: " + "; ".join(problems)
+            problems.setdefault(path, ([], f" (got {err.get('input')!r})"))[0].append(err["msg"])
+
+    def rule(rules: list[str]) -> str:
+        if len(rules) > 1 and all(r.startswith(_SHOULD) for r in rules):
+            return _SHOULD + " or ".join(r.removeprefix(_SHOULD) for r in rules)
+        return " or ".join(rules)
+
+    return f"{label}: " + "; ".join(f"{path}: {rule(rules)}{got}" for path, (rules, got) in problems.items())
 
 
 def validate(data: dict[str, Any], model: type[BaseModel], label: str) -> BaseModel:
