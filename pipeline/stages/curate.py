@@ -52,16 +52,16 @@ def kmeans_params(cfg, seed: int) -> KMeansParams:
                         init_points_per_centroid=cfg.init_points_per_centroid, seed=seed)
 
 
-def embedding_pool(embed, cluster_gpus: Callable[[], float]) -> tuple[int, float]:
+def embedding_pool(embed, gpus_in_cluster: Callable[[], float]) -> tuple[int, float]:
     """(actors, GPUs per actor) of the embedding pool, with ``auto`` resolved: GPU actors
-    when the embedder is a backbone and the cluster has a GPU (``cluster_gpus()``, asked
+    when the embedder is a backbone and the cluster has a GPU (``gpus_in_cluster()``, asked
     only then), one per GPU; otherwise one CPU actor."""
     gpus = embed.gpus_per_actor
     if gpus == "auto":
-        gpus = 1.0 if embed.embedder != "builtin" and cluster_gpus() >= 1 else 0.0
+        gpus = 1.0 if embed.embedder != "builtin" and gpus_in_cluster() >= 1 else 0.0
     actors = embed.actors
     if actors == "auto":
-        actors = max(1, int(cluster_gpus() // gpus)) if gpus > 0 else 1
+        actors = max(1, int(gpus_in_cluster() // gpus)) if gpus > 0 else 1
     return int(actors), float(gpus)
 
 
