@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import sys
 from typing import Any
 
 from pipeline import __version__
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class UsageError(RuntimeError):
@@ -93,15 +94,27 @@ def cmd_run(args) -> int:
     if args.address:
         config.ray.address = args.address
     engine = _engine(config, args.run_dir or _default_run_dir(config))
-    result = engine.run(only=args.only, start=args.from_stage, force=args.force)
-    _print_run_result(engine, result)
-    return 0
+    return _run(engine, only=args.only, start=args.from_stage, force=args.force)
 
 
 def cmd_resume(args) -> int:
     config = _saved_config(args.run_dir, args.set)
-    engine = _engine(config, args.run_dir)
-    result = engine.run()
+    return _run(_engine(config, args.run_dir))
+
+
+def _run(engine, **options) -> int:
+    """Run ``engine``; a failed or interrupted stage ends with the command that resumes this run."""
+    from orchestration.engine import StageFailed
+
+    resume = f"`vfm resume {shlex.quote(engine.rundir.uri)}`"
+    try:
+        result = engine.run(**options)
+    except StageFailed as exc:
+        print(f"vfm: {exc}; fix it and run {resume} (finished work is kept)", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"vfm: interrupted; {resume} continues from what is finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
     _print_run_result(engine, result)
     return 0
 
@@ -279,20 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     errors = _user_errors()
-    from orchestration.engine import StageFailed
-
     try:
         return int(args.func(args) or 0)
-    except StageFailed as exc:
-        print(f"vfm: {exc}; fix it and run `vfm resume RUN_DIR` (finished work is kept)", file=sys.stderr)
-        return EXIT_FAILED
     except errors as exc:
         text = str(exc).strip().splitlines()
         print(f"vfm: error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("vfm: interrupted; `vfm resume RUN_DIR` continues from what is finished", file=sys.stderr)
-        return 130
+        print("vfm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

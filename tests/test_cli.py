@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.curation.images import rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,6 +178,26 @@ def test_smoke_pipeline_on_an_s3_run_dir_then_a_new_embedder_embeds_again_and_a_
     assert re.search(r"\[curate\] \d+ images in \d+ chunks; 0 to embed", resampled.stderr)
     assert centroid_dim() == 64
     assert s3.storage.read_json(f"{run_dir}/curate/stats.json")["selected"] < stats["selected"]
+
+
+@pytest.mark.slow
+def test_a_failed_stage_names_the_command_that_resumes_it_and_that_command_finishes_the_run(tmp_path):
+    pool, run_dir = tmp_path / "pool", tmp_path / "my runs" / "first"
+    pool.mkdir()
+    failed = vfm("run", "-c", "smoke", "--run-dir", str(run_dir), "--set", f"curate.sources=['{pool}']",
+                 cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("vfm: stage curate failed: ValueError: no images found in curate.sources"), last
+    command = re.search(r"fix it and run `([^`]+)` \(finished work is kept\)$", last).group(1)
+    assert shlex.split(command) == ["vfm", "resume", str(run_dir)]
+
+    for i in range(40):  # the fix: the folder gets its images
+        rgb(seed=i).save(pool / f"{i:02d}.png")
+    resumed = vfm(*shlex.split(command)[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[curate] 40 images in 1 chunks; 1 to embed" in resumed.stderr
+    assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
 
 
 @pytest.mark.slow
