@@ -71,7 +71,8 @@ class ClusterConfig(Section):
 
 
 class SampleConfig(Section):
-    target: int | float = Field(0.2, gt=0, description="Images to select: a whole number is a count (300), a "
+    target: int | float = Field(0.2, gt=0, description="Images to select: a whole number is a count (300; a "
+                                "count above the deduplicated pool selects all of it, and the log says so), a "
                                 "number with a decimal point a fraction of the deduplicated pool, at most 1.0 "
                                 "(0.3; 1.0 keeps every image).")
     leaf_pick: Literal["random", "closest"] = Field("random", description="How a level-1 cluster gives its "

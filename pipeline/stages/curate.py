@@ -263,7 +263,11 @@ class CurateStage(Stage):
 
         hierarchy, level1, distance = self._cluster(cfg, store, chunks, dedup.kept, seed, ctx)
         levels = hierarchy.levels_of(level1)  # (n_kept, L)
-        picked = balanced_sample(levels, resolve_target(cfg.sample.target, len(kept_rows)), seed,
+        target = resolve_target(cfg.sample.target, len(kept_rows))
+        if isinstance(cfg.sample.target, int) and cfg.sample.target > target:
+            ctx.log(f"curate.sample.target {cfg.sample.target} is more than the {target} images left after "
+                    f"dedup: all of them are selected")
+        picked = balanced_sample(levels, target, seed,
                                  leaf_pick=cfg.sample.leaf_pick, distance=distance,
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)

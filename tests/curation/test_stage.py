@@ -249,7 +249,7 @@ def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_
 
 
 def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the_listing(ray_session, mixed_pool,
-                                                                                        tmp_path, mlflow_uri):
+                                                                                        tmp_path, mlflow_uri, capsys):
     from pipeline.config.root import load_config
     from pipeline.stages import pipeline_engine
 
@@ -285,6 +285,13 @@ def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the
     _, lines = curate("curate.sample.target=0.6", "curate.embed.embedder=arch:vit_test",
                       "curate.embed.image_size=32", "run.seed=1")
     assert any("keeping _work/listing, _work/embeddings" in line for line in lines)  # new clusters, same embeddings
+    capsys.readouterr()
+    everything, _ = curate("curate.sample.target=100000", "curate.embed.embedder=arch:vit_test",
+                           "curate.embed.image_size=32", "run.seed=1")
+    kept = int(everything["kept_after_dedup"])
+    assert f"[curate] curate.sample.target 100000 is more than the {kept} images left after dedup: all of them " \
+           "are selected" in capsys.readouterr().err
+    assert everything["selected_balanced"] == kept
 
 
 def test_a_demo_pool_made_from_another_seed_is_refused_not_reused(tmp_path):
