@@ -3,7 +3,9 @@ markers record what is done, MLflow tracks it, Ray does the heavy work.
 
 fingerprint(stage) = sha256(stage name, format version, its config sections, the
 fingerprints of the stages it requires). So a changed train section makes train and
-everything after it stale, and leaves curate and shard done. A stale stage starts over,
+everything after it stale, and leaves curate and shard done. Settings that decide only how
+the work runs (actors, batch sizes, retries) are hashed at their defaults, so changing them
+makes nothing stale. A stale stage starts over,
 except for the inner checkpoints it declares reusable under the changed config (curate's
 embeddings when only its sampling changed, say).
 """
@@ -51,10 +53,14 @@ def _digest(payload: Any) -> str:
 
 
 def config_value(config: Any, path: str) -> Any:
-    """The JSON form of a section (``"curate"``) or a value (``"run.seed"``) of ``config``."""
+    """The JSON form that the fingerprints hash of a section (``"curate"``) or a value
+    (``"run.seed"``) of ``config``: a section's ``fingerprint_view()`` when it has one (one that
+    leaves out the settings deciding only how the work runs), else its ``model_dump``."""
     value = config
     for part in path.split("."):
         value = getattr(value, part)
+    if hasattr(value, "fingerprint_view"):
+        return value.fingerprint_view()
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 

@@ -129,6 +129,9 @@ def test_smoke_pipeline_then_noop_then_only_changed_stage_reruns(tmp_path):
 
     again = vfm("run", "-c", "smoke", cwd=tmp_path)
     assert again.returncode == 0 and "nothing to do" in again.stderr and "running" not in again.stderr
+    how = vfm("run", "-c", "smoke", "--set", "curate.embed.batch_size=64", "--set", "shard.upload_attempts=2",
+              "--set", "evaluate.threads=1", cwd=tmp_path)  # how the work runs, not what it makes
+    assert how.returncode == 0 and "nothing to do" in how.stderr and "running" not in how.stderr
 
     changed = vfm("run", "-c", "smoke", "--set", "evaluate.knn_k=[5]", cwd=tmp_path)
     assert changed.returncode == 0, changed.stderr[-3000:]

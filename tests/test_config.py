@@ -100,3 +100,26 @@ def test_secrets_are_masked_in_the_saved_config_and_params():
     params = flatten_config(config)
     assert params["storage.secret"] == "***" and "hunter2" not in str(params)
     assert params["shard.samples_per_shard"] == str(config.shard.samples_per_shard)
+
+
+def test_settings_that_only_decide_how_work_runs_leave_the_fingerprints_alone(tmp_path):
+    from pipeline.stages import pipeline_engine
+
+    def fingerprints(*sets: str) -> dict[str, str]:
+        return pipeline_engine(load_config("smoke", list(sets)), str(tmp_path / "run")).fingerprints
+
+    before = fingerprints()
+    how = ["curate.embed.batch_size=7", "curate.embed.actors=3", "curate.embed.cpus_per_actor=2",
+           "curate.embed.gpus_per_actor=1", "shard.shards_per_task=9", "shard.stat_batch=5",
+           "shard.upload_attempts=2", "shard.upload_backoff_s=3", "evaluate.batch_size=8", "evaluate.device=cpu",
+           "evaluate.threads=1"]
+    assert fingerprints(*how) == before
+    for what, stale in (("curate.embed.chunk_size=7", {"curate", "shard"}), ("shard.samples_per_shard=9", {"shard"}),
+                        ("evaluate.knn_k=[3]", {"evaluate"})):  # evaluate reads no upstream output yet
+        changed = fingerprints(*how, what)
+        assert {s for s in before if changed[s] != before[s]} == stale, what
+    # a section whose execution settings are at their defaults hashes as its plain dump: run dirs made
+    # before these settings were set apart are still done
+    config = load_config("smoke")
+    for section in ("curate", "shard", "evaluate"):
+        assert getattr(config, section).fingerprint_view() == config.model_dump(mode="json")[section]

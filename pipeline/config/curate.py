@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import EXECUTION, Section
 
 
 class DecodeConfig(Section):
@@ -21,16 +21,20 @@ class EmbedConfig(Section):
                           "vfm export, an HF DINOv3 folder or an official DINOv3 checkpoint.")
     image_size: int = Field(224, ge=16, description="Input side for backbone embedders (a multiple of the "
                             "patch size); the built-in embedder always uses 32.")
-    batch_size: int = Field(256, ge=1, description="Images per embedding batch.")
+    batch_size: int = Field(256, ge=1, json_schema_extra=EXECUTION, description="Images per embedding batch.")
     chunk_size: int = Field(2048, ge=1, description="Images per embedding chunk: the unit of resume.")
     actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Embedding actors in the Ray Data actor pool; auto: one per GPU of the Ray cluster "
+        "auto", json_schema_extra=EXECUTION,
+        description="Embedding actors in the Ray Data actor pool; auto: one per GPU of the Ray cluster "
         "when the actors take GPUs, else 1.")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves (also its torch "
-                                  "threads). actors x cpus_per_actor must leave at least one CPU of the cluster free for the "
-                                  "Ray Data read tasks that feed the pool; a run that would not is refused before it starts.")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, json_schema_extra=EXECUTION,
+        description="CPUs each embedding actor reserves (also its torch threads). actors x cpus_per_actor must "
+        "leave at least one CPU of the cluster free for the Ray Data read tasks that feed the pool; a run that "
+        "would not is refused before it starts.")
     gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="GPUs each embedding actor reserves; auto: 1 when the embedder is a backbone and the "
+        "auto", json_schema_extra=EXECUTION,
+        description="GPUs each embedding actor reserves; auto: 1 when the embedder is a backbone and the "
         "Ray cluster has a GPU, else 0 (the built-in embedder runs on CPU).")
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import EXECUTION, Section
 
 
 class EvaluateConfig(Section):
@@ -26,7 +26,7 @@ class EvaluateConfig(Section):
                                                                "dataset has no split of its own.")
     resolution: int = Field(32, ge=8, description="Side the images are resized to before the backbone (rounded "
                                                   "to a multiple of the patch size).")
-    batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+    batch_size: int = Field(256, ge=1, json_schema_extra=EXECUTION, description="Images per forward pass.")
     knn_k: list[int] = Field([10, 20], min_length=1, description="k of the weighted k-NN classifier.")
     knn_temperature: float = Field(0.07, gt=0, description="Temperature of the k-NN vote weights "
                                                            "exp(similarity / T).")
@@ -39,10 +39,11 @@ class EvaluateConfig(Section):
     copy_images: int = Field(200, ge=1, description="Test images copied (crop, flip, tone, JPEG) for the "
                                                     "copy-detection check; train images are the distractors.")
     pca_images: int = Field(4, ge=1, le=32, description="Test images shown in each PCA patch-map grid.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of the feature pass (auto: "
-                                                                       "cuda when the Ray task got a GPU).")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads of the feature pass (None: torch's "
-                                                        "default).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", json_schema_extra=EXECUTION,
+        description="Device of the feature pass (auto: cuda when the Ray task got a GPU).")
+    threads: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
+                                description="torch CPU threads of the feature pass (None: torch's default).")
 
     @field_validator("knn_k")
     @classmethod

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config.base import Section
+from pipeline.config.base import EXECUTION, Section
 
 
 class ShardConfig(Section):
@@ -21,7 +21,11 @@ class ShardConfig(Section):
     encode_format: Literal["jpeg", "png", "webp"] = Field(
         "jpeg", description="Format for images that are re-encoded (resized, or not JPEG/PNG/WebP at the source).")
     encode_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of re-encoded images.")
-    shards_per_task: int = Field(4, ge=1, description="Shards written by one Ray task.")
-    stat_batch: int = Field(2048, ge=1, description="Source files sized by one Ray task while planning.")
-    upload_attempts: int = Field(5, ge=1, description="Tries to upload a shard to S3 before giving up.")
-    upload_backoff_s: float = Field(0.5, ge=0.0, description="Wait before the 2nd upload try; doubled per try.")
+    shards_per_task: int = Field(4, ge=1, json_schema_extra=EXECUTION,
+                                 description="Shards written by one Ray task.")
+    stat_batch: int = Field(2048, ge=1, json_schema_extra=EXECUTION,
+                            description="Source files sized by one Ray task while planning.")
+    upload_attempts: int = Field(5, ge=1, json_schema_extra=EXECUTION,
+                                 description="Tries to upload a shard to S3 before giving up.")
+    upload_backoff_s: float = Field(0.5, ge=0.0, json_schema_extra=EXECUTION,
+                                    description="Wait before the 2nd upload try; doubled per try.")
