@@ -43,7 +43,7 @@ def curate(run_dir: Path, tmp: Path, sets: list[str]) -> dict:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         metrics = engine.run().metrics["curate"]
-    embedded = re.search(r"; (\d+) to embed", err.getvalue())
+    embedded = re.search(r"; (\d+) chunks? to embed", err.getvalue())
     kept = next((line.split("keeping ", 1)[1].split(" (")[0] for line in lines if "keeping" in line), "")
     return {"seconds": round(metrics["stage_seconds"], 2), "chunks_embedded": int(embedded.group(1)) if embedded else None,
             "kept": kept, "selected": int(metrics["selected"])}

@@ -178,7 +178,7 @@ def test_smoke_pipeline_on_an_s3_run_dir_then_a_new_embedder_embeds_again_and_a_
                     "curate.sample.target=0.2", cwd=tmp_path, env=s3.env())
     assert resampled.returncode == 0, resampled.stderr[-3000:]
     assert "keeping _work/listing, _work/embeddings, demo_pool" in resampled.stderr
-    assert re.search(r"\[curate\] \d+ images in \d+ chunks; 0 to embed", resampled.stderr)
+    assert re.search(r"\[curate\] \d+ images in \d+ chunks?; 0 chunks to embed", resampled.stderr)
     assert centroid_dim() == 64
     assert s3.storage.read_json(f"{run_dir}/curate/stats.json")["selected"] < stats["selected"]
 
@@ -199,7 +199,7 @@ def test_a_failed_stage_names_the_command_that_resumes_it_and_that_command_finis
         rgb(seed=i).save(pool / f"{i:02d}.png")
     resumed = vfm(*shlex.split(command)[1:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "[curate] 40 images in 1 chunks; 1 to embed" in resumed.stderr
+    assert "[curate] 40 images in 1 chunk; 1 chunk to embed" in resumed.stderr
     assert status(run_dir, tmp_path) == {"curate": "done", "shard": "done", "evaluate": "done"}
 
 

@@ -230,7 +230,9 @@ class CurateStage(Stage):
         todo = sorted(set(rows_per_chunk) - store.done())
         actors, gpus = embedding_pool(cfg.embed, cluster_gpus)
         each = f"{cfg.embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
-        ctx.log(f"{sum(rows_per_chunk.values())} images in {len(rows_per_chunk)} chunks; {len(todo)} to embed"
+        n_chunks = len(rows_per_chunk)
+        ctx.log(f"{sum(rows_per_chunk.values())} images in {n_chunks} chunk{'s' * (n_chunks != 1)}; {len(todo)} "
+                f"chunk{'s' * (len(todo) != 1)} to embed"
                 + (f" on {actors} actor{'s' * (actors > 1)} ({each}{' each' * (actors > 1)})" if todo else ""))
         shape = prepared_shape(build_preparer(cfg.embed.embedder, cfg.embed.image_size))
         embed_chunks([_listing_chunk(listing_root, i) for i in todo],
