@@ -96,7 +96,7 @@ class Engine:
     def _fingerprints(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for stage in self.stages:
-            sections = {s: config_value(self.config, s) for s in (stage.name, *stage.extra_sections)}
+            sections = {s: config_value(self.config, s) for s in self._scope(stage)}
             out[stage.name] = _digest({"stage": stage.name, "format_version": stage.format_version,
                                        "config": sections, "upstream": {r: out[r] for r in stage.requires}})
         return out
@@ -168,6 +168,11 @@ class Engine:
         try:
             check_resources({s.name: s.resources(self.config) for s in todo})
             parent = self._parent_run(run)
+            recorded = run["mlflow"]["stages"]
+            # The stages this run does not redo keep their runs, which may sit under an older parent.
+            kept = {f"vfm.stage_run.{s.name}": recorded[s.name]["run_id"]
+                    for s in self.stages if s not in todo and s.name in recorded}
+            self.tracking.tracker(parent).set_tags(kept)
             try:
                 for stage in todo:
                     result.metrics[stage.name] = self._run_stage(stage, run, parent, cache_dir,
@@ -206,15 +211,41 @@ class Engine:
             tags["vfm.ray_job_id"] = job
         return tags
 
+    @staticmethod
+    def _scope(stage: Stage) -> tuple[str, ...]:
+        """The config paths ``stage``'s fingerprint hashes."""
+        return (stage.name, *stage.extra_sections)
+
+    def _params(self, scope: list[str] | tuple[str, ...], *, with_unhashed: bool) -> tuple[dict[str, str],
+                                                                                           dict[str, str]]:
+        """The flattened config split for MLflow: params, the values under ``scope`` that the
+        fingerprints hash, which stay the same for the life of a run (MLflow params are write-once);
+        and settings, which an attempt of the same run may change: the execution settings under
+        ``scope`` and, ``with_unhashed``, every value outside it (ray, mlflow, storage, ...)."""
+        keys = getattr(self.config, "execution_keys", None)
+        execution = keys() if keys else set()
+        params: dict[str, str] = {}
+        settings: dict[str, str] = {}
+        for key, value in self.flat_params(self.config).items():
+            inside = any(key == s or key.startswith(f"{s}.") for s in scope)
+            if inside and key not in execution:
+                params[key] = value
+            elif inside or with_unhashed:
+                settings[key] = value
+        return params, settings
+
     def _parent_run(self, run: dict[str, Any]) -> str:
         mlf = run.setdefault("mlflow", {})
         exp_id = self.tracking.experiment(self._experiment_name())
         if mlf.get("experiment") != exp_id:
             mlf.update({"experiment": exp_id, "parent": None, "stages": {}})
-        params = self.flat_params(self.config)
-        parent = self.tracking.parent_run(exp_id, mlf.get("parent"), f"{self.config.name}-{run['run_id'][:8]}",
-                                          {**self._common_tags(), "vfm.status": "running"}, params)
-        mlf.update({"tracking_uri": self.tracking.uri, "parent": parent})
+        scopes = [scope for s in self.stages for scope in self._scope(s)]
+        params, settings = self._params(scopes, with_unhashed=True)
+        fingerprint = _digest(self.fingerprints)
+        existing = {"run_id": mlf.get("parent"), "fingerprint": mlf.get("parent_fingerprint", fingerprint)}
+        parent = self.tracking.parent_run(exp_id, existing, fingerprint, f"{self.config.name}-{run['run_id'][:8]}",
+                                          {**self._common_tags(), "vfm.status": "running"}, params, settings)
+        mlf.update({"tracking_uri": self.tracking.uri, "parent": parent, "parent_fingerprint": fingerprint})
         self.rundir.write_run(run)
         with tempfile.TemporaryDirectory(prefix="vfm-") as tmp:
             path = Path(tmp, CONFIG_FILE)
@@ -241,12 +272,10 @@ class Engine:
         else:
             self.rundir.invalidate(name)
         mlf = run["mlflow"]
-        scope = (name, *stage.extra_sections)
-        section_params = {k: v for k, v in self.flat_params(self.config).items()
-                          if any(k == s or k.startswith(f"{s}.") for s in scope)}
+        params, settings = self._params(self._scope(stage), with_unhashed=False)
         run_id = self.tracking.stage_run(mlf["experiment"], parent, name, mlf["stages"].get(name), fp,
                                          {**self._common_tags(), "vfm.status": "running",
-                                          "vfm.output_uri": self.rundir.stage_dir(name)}, section_params)
+                                          "vfm.output_uri": self.rundir.stage_dir(name)}, params, settings)
         mlf["stages"][name] = {"run_id": run_id, "fingerprint": fp}
         self.rundir.write_run(run)
         self.rundir.mark_attempt(name, fp, reusable)

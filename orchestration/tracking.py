@@ -1,6 +1,8 @@
 """MLflow tracking: one experiment per config name, one parent run per pipeline run, one
-nested run per stage. Run ids live in run.json, so a resumed run reattaches to the same
-runs instead of making new ones.
+nested run per stage. Run ids and the fingerprints they ran under live in run.json, so a
+resumed run reattaches to the same runs instead of making new ones, and a run whose config
+changed gets new ones. Params (write-once in MLflow) are only the values a fingerprint
+hashes; what may change between attempts is kept in ``vfm.setting.*`` tags.
 """
 from __future__ import annotations
 
@@ -62,8 +64,11 @@ class StageTracker:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
 
 class Tracking:
@@ -122,41 +127,48 @@ class Tracking:
         except Exception:
             return False
 
-    def parent_run(self, experiment_id: str, existing: str | None, run_name: str, tags: dict[str, str],
-                   params: dict[str, str]) -> str:
-        """Reattach to ``existing`` if the store still has it, else start a new parent run."""
-        if self._alive(existing):
-            run_id = existing
+    def parent_run(self, experiment_id: str, existing: dict[str, Any], fingerprint: str, run_name: str,
+                   tags: dict[str, str], params: dict[str, str], settings: dict[str, str]) -> str:
+        """The pipeline run: ``existing`` when the store still has it and it ran this config
+        (``fingerprint``), else a new parent run; the one it replaces is tagged ``vfm.superseded_by``."""
+        return self._run(experiment_id, existing, fingerprint, run_name, tags, params, settings, parent_id=None)
+
+    def stage_run(self, experiment_id: str, parent_id: str, stage: str, existing: dict[str, Any] | None,
+                  fingerprint: str, tags: dict[str, str], params: dict[str, str], settings: dict[str, str]) -> str:
+        """The stage's nested run: the recorded one when it ran with this fingerprint (moved under
+        ``parent_id``, which may be a newer pipeline run), else a new one."""
+        return self._run(experiment_id, existing or {}, fingerprint, stage, {**tags, "vfm.fingerprint": fingerprint},
+                         params, settings, parent_id=parent_id)
+
+    def _run(self, experiment_id: str, existing: dict[str, Any], fingerprint: str, run_name: str,
+             tags: dict[str, str], params: dict[str, str], settings: dict[str, str], parent_id: str | None) -> str:
+        """Reattach to or create a run. ``params`` are the values its fingerprint hashes, the same
+        for every attempt; ``settings`` (execution settings, cluster and store addresses) may differ
+        from one attempt to the next and go to ``vfm.setting.*`` tags, which always hold the latest."""
+        if parent_id:
+            tags = {**tags, "mlflow.parentRunId": parent_id}
+        old = existing.get("run_id")
+        if existing.get("fingerprint") == fingerprint and self._alive(old):
+            run_id = old
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            if self._alive(old):
+                self.client.set_tag(old, "vfm.superseded_by", run_id)
         self._log_new_params(run_id, params)
-        StageTracker(self.client, run_id).set_tags(tags)
+        StageTracker(self.client, run_id).set_tags(
+            {**tags, **{f"vfm.setting.{k}"[:250]: v[:5000] for k, v in settings.items()}})
         return run_id
 
     def _log_new_params(self, run_id: str, params: dict[str, str]) -> None:
-        """MLflow params are write-once: log the keys this run does not have yet."""
+        """MLflow params are write-once: log the keys this run does not have yet (a run dir made
+        by an older vfm may lack some)."""
         from mlflow.entities import Param
 
         have = self.client.get_run(run_id).data.params
         items = [Param(k[:250], v[:6000]) for k, v in params.items() if k[:250] not in have]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
-
-    def stage_run(self, experiment_id: str, parent_id: str, stage: str, existing: dict[str, Any] | None,
-                  fingerprint: str, tags: dict[str, str], params: dict[str, str]) -> str:
-        """The stage's nested run: the recorded one when it ran with this fingerprint, else a new one."""
-        if existing and existing.get("fingerprint") == fingerprint and self._alive(existing.get("run_id")):
-            run_id = existing["run_id"]
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            all_tags = {"mlflow.parentRunId": parent_id, **tags}
-            run_id = self.client.create_run(experiment_id, run_name=stage, tags=all_tags).info.run_id
-            if existing and self._alive(existing.get("run_id")):
-                self.client.set_tag(existing["run_id"], "vfm.superseded_by", run_id)
-            self._log_new_params(run_id, params)
-        StageTracker(self.client, run_id).set_tags({**tags, "vfm.fingerprint": fingerprint})
-        return run_id
 
     def tracker(self, run_id: str) -> StageTracker:
         return StageTracker(self.client, run_id)

@@ -123,3 +123,6 @@ def test_settings_that_only_decide_how_work_runs_leave_the_fingerprints_alone(tm
     config = load_config("smoke")
     for section in ("curate", "shard", "evaluate"):
         assert getattr(config, section).fingerprint_view() == config.model_dump(mode="json")[section]
+    # the same settings are the execution keys, named as the flattened params name them (MLflow keeps
+    # them in tags that each attempt updates)
+    assert config.execution_keys() == {s.split("=")[0] for s in how} <= set(flatten_config(config))

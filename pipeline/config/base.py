@@ -39,3 +39,16 @@ class Section(BaseModel):
             elif isinstance(value, list) and any(isinstance(v, Section) for v in value):
                 update[name] = [v._execution_at_defaults() if isinstance(v, Section) else v for v in value]
         return self.model_copy(update=update)
+
+    def execution_keys(self, prefix: str = "") -> set[str]:
+        """The dotted paths of this section's execution settings (``curate.embed.actors``), as
+        ``flatten_config`` names them; those inside lists are not separate keys there, so not here."""
+        keys: set[str] = set()
+        for name, info in type(self).model_fields.items():
+            path = f"{prefix}{name}"
+            value = getattr(self, name)
+            if is_execution(info):
+                keys.add(path)
+            elif isinstance(value, Section):
+                keys |= value.execution_keys(f"{path}.")
+        return keys

@@ -15,7 +15,7 @@ from pydantic import Field
 from data_curation.storage import Storage
 from orchestration.engine import Engine
 from orchestration.stage import Resources, Stage, StageContext
-from pipeline.config.base import Section
+from pipeline.config.base import EXECUTION, Section
 from pipeline.config.core import MlflowConfig, RayConfig, RunConfig, StorageConfig
 from pipeline.config.load import dump_config, flatten_config
 
@@ -27,6 +27,7 @@ class StepConfig(Section):
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
     held_cpus: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1, json_schema_extra=EXECUTION)  # how it runs: not in the fingerprint
 
 
 class StandinConfig(Section):

@@ -104,6 +104,43 @@ def test_one_parent_and_one_nested_run_per_stage_in_mlflow(tmp_path, mlflow_uri,
     assert child_b.data.tags["vfm.output_uri"].endswith("/b")
 
 
+def test_mlflow_params_are_what_the_fingerprints_hash_and_each_attempt_updates_its_settings(
+        tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    [first] = [r for r in mlflow_runs(mlflow_uri) if "mlflow.parentRunId" not in r.data.tags]
+    ids = {r.info.run_name: r.info.run_id for r in mlflow_runs(mlflow_uri) if r.info.run_id != first.info.run_id}
+
+    # Another attempt of the same run, with other execution settings and cache: the same runs, new settings.
+    moved = RunConfig(cache_dir=str(tmp_path / "elsewhere"))
+    make_engine(cfg(mlflow_uri, run=moved, b=StepConfig(workers=4)), str(run_dir)).run(start="b")
+    runs = {r.info.run_id: r for r in mlflow_runs(mlflow_uri)}
+    assert len(runs) == 4
+    parent, b = runs[first.info.run_id], runs[ids["b"]]
+    assert parent.data.params["b.value"] == "1" and "b.workers" not in parent.data.params
+    assert "run.cache_dir" not in parent.data.params and "ray.num_cpus" not in parent.data.params
+    assert parent.data.tags["vfm.setting.b.workers"] == "4"
+    assert parent.data.tags["vfm.setting.run.cache_dir"] == str(tmp_path / "elsewhere")
+    assert parent.data.tags["vfm.stage_run.a"] == ids["a"]
+    assert b.data.params["b.value"] == "1" and "b.workers" not in b.data.params
+    assert b.data.tags["vfm.setting.b.workers"] == "4"
+
+    # A changed value is another config: a new parent run, and the old one names it. b keeps its
+    # fingerprint, so its run goes on under the new parent; c's is new.
+    make_engine(cfg(mlflow_uri, c=StepConfig(value=3)), str(run_dir)).run(start="b")
+    runs = {r.info.run_id: r for r in mlflow_runs(mlflow_uri)}
+    new_parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags
+                      and r.info.run_id != first.info.run_id)
+    new_c = next(r for r in runs.values() if r.info.run_name == "c" and r.info.run_id != ids["c"])
+    assert runs[first.info.run_id].data.tags["vfm.superseded_by"] == new_parent.info.run_id
+    assert new_parent.data.params["c.value"] == "3" and new_parent.data.tags["vfm.stage_run.a"] == ids["a"]
+    assert runs[ids["b"]].data.tags["mlflow.parentRunId"] == new_parent.info.run_id
+    assert new_c.data.tags["mlflow.parentRunId"] == new_parent.info.run_id
+    assert runs[ids["c"]].data.tags["vfm.superseded_by"] == new_c.info.run_id
+    assert runs[ids["a"]].data.tags["mlflow.parentRunId"] == first.info.run_id
+    assert new_parent.data.tags["vfm.setting.b.workers"] == "1"
+
+
 def test_only_from_and_force(tmp_path, mlflow_uri, ray_session):
     run_dir = tmp_path / "run"
     with pytest.raises(EngineError, match="needs stage a, which is pending"):
