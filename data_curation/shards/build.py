@@ -100,7 +100,7 @@ def build_shards(manifest_uri: str, shard_dir: str, work_dir: str, spec: ShardSp
     if repeated:
         result.skipped["repeated_id"] = repeated
     result.leftovers_removed = tidy_shard_folder(shard_dir, {j.name for j in jobs}, storage)
-    log(f"{plan.num_rows} samples planned into {len(jobs)} shards")
+    log(f"{plan.num_rows} samples planned into {len(jobs)} shard{'s' * (len(jobs) != 1)}")
     record_dir = Storage.join(work_dir, "records")
     step = spec.shards_per_task
     groups = [(jobs[i:i + step], record_dir, storage, spec.encode, scratch, spec.retry)

@@ -10,6 +10,7 @@ rows to the level-1 centroids, which are put in the object store once and shared
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +42,15 @@ def _storage_errors_in_one_line() -> Iterator[None]:
 
 
 def _quiet_data_context() -> None:
-    ctx = ray.data.DataContext.get_current()
+    """No progress bars, and Ray Data's INFO lines (each dataset's plan and time, in tab-separated
+    Ray format, between the stage's own progress lines) go only to its log file in the Ray session
+    folder; its warnings still reach the console. The stage logs its progress itself."""
+    ctx = ray.data.DataContext.get_current()  # first: importing ray.data sets up its loggers
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
+    # the notice that progress bars are off, printed because they were turned off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.enable_progress_bars = False
     ctx.execution_options.verbose_progress = False
     ctx.raise_original_map_exception = True  # the task's own exception, not a UserCodeException without it
