@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from data_curation.storage import Storage
 
-_CHUNK_RE = re.compile(r"chunk-(\d{6})\.parquet$")
+_CHUNK_RE = re.compile(r"chunk-(\d{6,})\.parquet$")  # past 999999 the name grows
 
 
 def chunk_name(index: int) -> str:

@@ -47,11 +47,14 @@ def build_manifest(meta: pa.Table, dup_group: np.ndarray, dup_kept: np.ndarray, 
 def normalized_entropy(labels: np.ndarray, n_classes: int | None = None) -> float:
     """Entropy of the label distribution divided by log(#classes) (1 = perfectly balanced).
 
-    ``n_classes`` defaults to the number of distinct labels seen.
+    ``n_classes`` defaults to the number of distinct labels seen. No labels at all: 0.0 (an
+    empty selection is not a balanced one); a single possible class: 1.0.
     """
     _, counts = np.unique(np.asarray(labels), return_counts=True)
     k = n_classes if n_classes is not None else len(counts)
-    if k <= 1 or counts.sum() == 0:
+    if counts.sum() == 0:
+        return 0.0
+    if k <= 1:
         return 1.0
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum() / np.log(k)) + 0.0  # + 0.0: one label gives 0.0, not -0.0

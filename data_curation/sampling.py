@@ -96,11 +96,15 @@ def balanced_sample(levels: np.ndarray, target: int, seed: int = 0, *, leaf_pick
 
 
 def resolve_target(target: int | float, available: int) -> int:
-    """A target given as a count (an int) or a fraction of ``available`` (a float in (0, 1]), as a count."""
+    """A target given as a count (an int) or a fraction of ``available`` (a float in (0, 1]), as a
+    count; a fraction that rounds to no image at all is an error, not an empty selection."""
     if isinstance(target, float):
         if not 0 < target <= 1:
             raise ValueError(f"a sampling target given as a fraction must be in (0, 1], not {target}")
         count = int(round(target * available))
+        if count == 0 and available:
+            raise ValueError(f"a sampling target of {target} of {available} images is less than one image; "
+                             f"give a larger fraction or a count")
     else:
         count = int(target)
     return max(0, min(count, available))

@@ -15,7 +15,7 @@ is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads memb
 same tar from one open handle.
 
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
-fatal: blank or malformed rows of a URI list, and tars that cannot be read to their end (truncated,
+fatal: blank or malformed rows of a URI list (not UTF-8, or swallowing line breaks), and tars that cannot be read to their end (truncated,
 a garbled header, not a tar at all), whose members before the break are still listed.
 
 A :class:`ListingCursor` follows a listing as it goes, so that a listing stopped part way
@@ -235,20 +235,36 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
                 batches = pf.iter_batches(columns=[column], batch_size=65536) if column in names else None
-            else:  # URIs stay strings (a column of "0001" is not the number 1)
+            else:  # URIs as bytes, decoded row by row (a column of "0001" is not the number 1, and
+                # one row that is not UTF-8 is one bad row, not an unreadable list)
                 batches = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed),
-                                         convert_options=pacsv.ConvertOptions(column_types={column: pa.string()}))
+                                         convert_options=pacsv.ConvertOptions(column_types={column: pa.binary()},
+                                                                              check_utf8=False))
                 names = batches.schema.names
             if batches is None or column not in names:
                 raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {names})")
             for batch in batches:
                 for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
-                    if value is None or not str(value).strip():
+                    if (uri := _list_entry(value)) is None:
                         problems.bad_rows += 1
                     else:
-                        yield _resolve(base, str(value).strip())
+                        yield _resolve(base, uri)
     except pa.ArrowException as exc:
         raise SourceError(f"source list {list_uri} cannot be read: {exc}") from None
+
+
+def _list_entry(value: str | bytes | None) -> str | None:
+    """One row of a URI list, stripped; None for a bad row: empty, not UTF-8, or holding a line
+    break or other control character (a quote left open in a CSV swallows the rows after it)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    uri = (value or "").strip()
+    if not uri or any(ord(c) < 32 or c == "\x7f" for c in uri):
+        return None
+    return uri
 
 
 def _resolve(base: str, uri: str) -> str:

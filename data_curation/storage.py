@@ -224,9 +224,20 @@ class Storage:
         return self._guard(uri, "open", fs.open, path, mode)
 
     def get_file(self, uri: str, local_path: str | Path) -> None:
+        """Download ``uri`` to ``local_path`` through a temp file beside it, renamed into place
+        once whole: a download cut off part way never leaves a file under the final name (a cache
+        that reuses whatever exists would read it back truncated on every later attempt)."""
         fs, path = self.fs(uri)
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        self._guard(uri, "download", fs.get_file, path, str(local_path))
+        local = Path(local_path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".part", dir=local.parent)
+        os.close(fd)
+        try:
+            self._guard(uri, "download", fs.get_file, path, tmp)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     # -- writing (atomic) ------------------------------------------------------------
     @staticmethod

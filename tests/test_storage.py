@@ -1,8 +1,16 @@
 """The one storage helper, on local disk and on the real S3 server."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +138,29 @@ def test_s3_errors_are_one_line_storage_errors_naming_the_uri(s3):
     down = Storage({**s3.storage_options(), "endpoint_url": "http://127.0.0.1:9"})
     with pytest.raises(StorageError, match=r"EndpointConnectionError"):
         down.exists(s3.uri("x.json"))
+
+
+def test_a_download_killed_part_way_leaves_nothing_under_its_final_name(s3, tmp_path):
+    """Embedding chunks of an S3 run dir are cached locally and a cached file is reused as is:
+    a cut-off download must never sit there under the final name."""
+    data = os.urandom(128 * 2**20)
+    s3.storage.write_bytes(s3.uri("big.npy"), data)
+    final = tmp_path / "cache" / "big.npy"
+    root = Path(__file__).resolve().parents[1]
+    script = ("import json, sys; from data_curation.storage import Storage; "
+              "Storage(json.loads(sys.argv[1])).get_file(sys.argv[2], sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(s3.storage_options()), s3.uri("big.npy"),
+                             str(final)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+
+    def bytes_written() -> bool:
+        return final.parent.exists() and any(p.stat().st_size for p in final.parent.iterdir())
+
+    deadline = time.monotonic() + 60
+    while not bytes_written():
+        assert proc.poll() is None and time.monotonic() < deadline, "the download never started"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not final.exists()
+    s3.storage.get_file(s3.uri("big.npy"), final)  # the next attempt downloads it whole
+    assert hashlib.sha256(final.read_bytes()).digest() == hashlib.sha256(data).digest()

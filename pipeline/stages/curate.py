@@ -263,9 +263,13 @@ class CurateStage(Stage):
                 + (f" ({reasons_seen})" if reasons_seen else "")
                 + f"; {len(kept_rows)} after dedup ({dedup.n_exact} exact, {dedup.n_near} near duplicates removed)")
 
+        try:  # before clustering: a target that selects nothing fails at once
+            target = resolve_target(cfg.sample.target, len(kept_rows))
+        except ValueError:
+            raise ValueError(f"curate.sample.target {cfg.sample.target} of the {len(kept_rows)} images left after "
+                             f"dedup is less than one image; give a larger fraction or a count") from None
         hierarchy, level1, distance = self._cluster(cfg, store, chunks, dedup.kept, seed, ctx)
         levels = hierarchy.levels_of(level1)  # (n_kept, L)
-        target = resolve_target(cfg.sample.target, len(kept_rows))
         if isinstance(cfg.sample.target, int) and cfg.sample.target > target:
             ctx.log(f"curate.sample.target {cfg.sample.target} is more than the {target} images left after "
                     f"dedup: all of them are selected")

@@ -7,7 +7,9 @@ from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
 from data_curation.dedup import deduplicate
 from data_curation.embedders import GradientHistogramEmbedder
+from data_curation.embedding_store import chunk_indices, chunk_name
 from data_curation.retrieval import retrieval_picks
+from data_curation.storage import Storage
 
 
 def _mnist(n: int):
@@ -65,3 +67,12 @@ def test_retrieval_returns_the_nearest_pool_rows():
     seeds = np.array([[1, 0.1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=np.float32)
     assert retrieval_picks(pool, seeds, 1).tolist() == [0, 4]
     assert retrieval_picks(pool, seeds[:0], 3).tolist() == []
+
+
+def test_chunk_indices_past_a_million_are_found(tmp_path):
+    """Chunk names grow past six digits; a run with that many chunks must still see them done."""
+    for index in (0, 999_999, 1_000_000, 12_345_678):
+        (tmp_path / f"{chunk_name(index)}.parquet").write_bytes(b"")
+    (tmp_path / f"{chunk_name(7)}.embedding.npy").write_bytes(b"")  # not a chunk's marker file
+    (tmp_path / "chunk-12.parquet").write_bytes(b"")  # not a name chunk_name writes
+    assert chunk_indices(str(tmp_path), Storage()) == {0, 999_999, 1_000_000, 12_345_678}

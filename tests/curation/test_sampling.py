@@ -75,3 +75,14 @@ def test_target_as_count_or_fraction():
     assert resolve_target(1.0, 200) == 200 and resolve_target(1, 200) == 1  # a fraction of all; one image
     with pytest.raises(ValueError, match="must be in"):
         resolve_target(1.5, 200)
+    assert resolve_target(0.003, 200) == 1
+    with pytest.raises(ValueError, match="0.002 of 200 images is less than one image"):
+        resolve_target(0.002, 200)  # not an empty selection
+
+
+def test_balance_of_an_empty_selection_is_zero_not_perfect():
+    from data_curation.manifest import normalized_entropy
+
+    assert normalized_entropy(np.zeros(0, dtype=np.int64), 16) == 0.0
+    assert normalized_entropy(np.array([3, 3, 3]), 4) == 0.0 and normalized_entropy(np.array([3]), 1) == 1.0
+    assert normalized_entropy(np.array([0, 1, 2, 3]), 4) == pytest.approx(1.0)

@@ -142,7 +142,15 @@ def test_blank_and_malformed_rows_of_a_uri_list_are_skipped_and_counted(tmp_path
     assert problems.bad_rows == 2  # the row with a third field, the row with no URI
 
 
-@pytest.mark.parametrize("name, data", [("list.parquet", b"not parquet at all"), ("list.csv", b"uri\n\xff\xfe not utf-8\n")])
+def test_rows_of_a_csv_list_that_are_not_utf8_or_swallow_line_breaks_are_bad_rows(tmp_path):
+    (tmp_path / "list.csv").write_bytes(b'uri\nx.png\nb\xe9.png\ny.png\n"open.png\nz.png\n')
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.csv"), problems=problems)) == [
+        str(tmp_path / "x.png"), str(tmp_path / "y.png")]  # the rest of the list after the open quote is one value
+    assert problems.bad_rows == 2
+
+
+@pytest.mark.parametrize("name, data", [("list.parquet", b"not parquet at all"), ("list.csv", b"")])  # empty: not even a header
 def test_a_uri_list_that_cannot_be_parsed_names_itself(tmp_path, name, data):
     (tmp_path / name).write_bytes(data)
     with pytest.raises(SourceError, match=rf"^source list {tmp_path / name} cannot be read: "):

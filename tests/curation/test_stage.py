@@ -17,6 +17,7 @@ from data_curation.builtin import load_builtin
 from data_curation.decode import REJECT_REASONS
 from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
+from orchestration.engine import StageFailed
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import CurateConfig, EmbedConfig
@@ -292,6 +293,12 @@ def test_a_new_sampling_target_reuses_the_embeddings_and_a_new_embedder_only_the
     assert f"[curate] curate.sample.target 100000 is more than the {kept} images left after dedup: all of them " \
            "are selected" in capsys.readouterr().err
     assert everything["selected_balanced"] == kept
+    embedded = stamps("embeddings")
+    with pytest.raises(StageFailed, match=rf"curate.sample.target 0.001 of the {kept} images left after dedup is "
+                                          "less than one image"):
+        curate("curate.sample.target=0.001", "curate.embed.embedder=arch:vit_test", "curate.embed.image_size=32",
+               "run.seed=1")
+    assert stamps("embeddings") == embedded  # nothing lost
 
 
 def test_a_demo_pool_made_from_another_seed_is_refused_not_reused(tmp_path):
