@@ -5,14 +5,16 @@ fingerprint(stage) = sha256(stage name, format version, its config sections, the
 fingerprints of the stages it requires). So a changed train section makes train and
 everything after it stale, and leaves curate and shard done. Settings that decide only how
 the work runs (actors, batch sizes, retries) are hashed at their defaults, so changing them
-makes nothing stale. A stale stage starts over,
-except for the inner checkpoints it declares reusable under the changed config (curate's
-embeddings when only its sampling changed, say).
+makes nothing stale. A stage is also stale when a stage it requires is not done or was
+redone since it ran (its success marker records when each of them had finished). A stage
+whose fingerprint changed starts over, except for the inner checkpoints it declares reusable
+under the changed config (curate's embeddings when only its sampling changed, say).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from data_curation.storage import Storage
-from orchestration.ray_runtime import check_resources, start_ray, stop_ray
+from orchestration.ray_runtime import check_resources, remote_cause, start_ray, stop_ray
 from orchestration.rundir import RunDir, StageStatus
 from orchestration.stage import Stage, StageContext
 from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
@@ -64,9 +66,15 @@ def config_value(config: Any, path: str) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _error_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """``Type: first line``; for an error a Ray task raised, that of the task's own exception (the
+    RayTaskError around it starts with the task's name in terminal colours and a pid)."""
+    cause = remote_cause(exc, BaseException) or exc
+    text = _ANSI.sub("", str(cause)).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 class Engine:
@@ -112,11 +120,20 @@ class Engine:
     def statuses(self) -> list[StageStatus]:
         run = self.rundir.read_run() or {}
         ids = run.get("mlflow", {}).get("stages", {})
-        return [self.rundir.status(s.name, self.fingerprints[s.name], (ids.get(s.name) or {}).get("run_id"))
-                for s in self.stages]
+        states: dict[str, str] = {}
+        out = []
+        for s in self.stages:
+            st = self.rundir.status(s.name, self.fingerprints[s.name], (ids.get(s.name) or {}).get("run_id"),
+                                    {r: states[r] for r in s.requires})
+            states[s.name] = st.state
+            out.append(st)
+        return out
 
     # -- checks before any work ------------------------------------------------------
     def _check_run_dir(self, force: bool) -> dict[str, Any] | None:
+        uri = self.rundir.uri
+        if self.storage.exists(uri) and not self.storage.isdir(uri):
+            raise EngineError(f"run directory {uri} is a file, not a folder; give another --run-dir")
         run = self.rundir.read_run()
         if run and run.get("config_name") != self.config.name and not force:
             raise EngineError(
@@ -144,8 +161,9 @@ class Engine:
         status = {s.name: s for s in self.statuses()}
         for st in status.values():
             if st.state == "running":
-                raise EngineError(f"stage {st.name} is being run by another process ({st.detail}); "
-                                  f"wait for it or stop it first")
+                marker = self.rundir.path(st.name, "_ATTEMPT.json")
+                raise EngineError(f"stage {st.name} is being run by another process ({st.detail}); wait for it "
+                                  f"or stop it first; if that process is gone (a machine lost), delete {marker}")
         todo = [s for s in selected if s.name in forced or status[s.name].state != "done"]
         needed = {r for s in todo for r in s.requires}
         selected_names = {s.name for s in selected}
@@ -180,13 +198,10 @@ class Engine:
                     result.ran.append(stage.name)
             except BaseException as exc:
                 state = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
-                self.tracking.finish(parent, state)
+                self._track("mark the pipeline run", self.tracking.finish, parent, state)
                 raise
             all_done = all(st.state == "done" for st in self.statuses())
-            if all_done:
-                self.tracking.finish(parent, "done")
-            else:
-                self.tracking.set_status(parent, "partial")
+            self._track("finish the pipeline run", self.tracking.finish, parent, "done" if all_done else "partial")
             return result
         finally:
             stop_ray(started)
@@ -292,19 +307,29 @@ class Engine:
             metrics = stage.run(ctx) or {}
         except KeyboardInterrupt:
             self.rundir.mark_failed(name, fp, "interrupted")
-            self.tracking.finish(run_id, "killed")
+            self._track(f"mark stage {name}'s run", self.tracking.finish, run_id, "killed")
             raise
         except Exception as exc:
             line = _error_line(exc)
             self.rundir.mark_failed(name, fp, line)
-            self.tracking.finish(run_id, "failed")
+            self._track(f"mark stage {name}'s run", self.tracking.finish, run_id, "failed")
             raise StageFailed(name, line) from exc
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["stage_seconds"] = time.monotonic() - t0
-        tracker = self.tracking.tracker(run_id)
-        tracker.log_metrics(metrics)
-        self.rundir.mark_success(name, fp, reusable, metrics, {"mlflow_run_id": run_id, "vfm_version": self.version})
-        self.tracking.finish(run_id, "done")
+        # The work is done: it is marked so before MLflow hears of it, which a tracking outage cannot undo.
+        self.rundir.mark_success(name, fp, reusable, metrics, {
+            "mlflow_run_id": run_id, "vfm_version": self.version,
+            "upstream": self.rundir.upstream_stamps(stage.requires)})
+        self._track(f"log stage {name}'s metrics", self.tracking.tracker(run_id).log_metrics, metrics)
+        self._track(f"finish stage {name}'s run", self.tracking.finish, run_id, "done")
         self.log(f"[{name}] done in {metrics['stage_seconds']:.1f}s")
         return metrics
+
+    def _track(self, what: str, call: Callable[..., Any], *args: Any) -> None:
+        """An MLflow call after the work it records (or after a failure, whose error must not be
+        hidden by an outage): a failure is one warning line, not the end of the run."""
+        try:
+            call(*args)
+        except Exception as exc:
+            self.log(f"warning: MLflow ({self.tracking.uri}) could not {what}: {_error_line(exc)}")
 

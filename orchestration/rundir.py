@@ -18,6 +18,7 @@ from typing import Any
 from data_curation.storage import Storage
 
 SUCCESS, ATTEMPT, FAILED = "_SUCCESS.json", "_ATTEMPT.json", "_FAILED.json"
+MARKERS = (SUCCESS, ATTEMPT, FAILED)
 STATES = ("done", "pending", "running", "failed", "stale")
 
 
@@ -49,6 +50,7 @@ def _pid_alive(pid: int) -> bool:
 
 class RunDir:
     def __init__(self, uri: str, storage: Storage):
+        uri = uri.removeprefix("file://")  # a local folder, however it is written
         self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
         self.storage = storage
 
@@ -102,8 +104,14 @@ class RunDir:
 
     def clear_stage(self, name: str, keep: tuple[str, ...] = ()) -> None:
         """Forget a stage (--force, a changed config): its outputs, inner checkpoints and
-        markers, all but the paths in ``keep`` (relative to the stage's folder)."""
-        self._clear(self.stage_dir(name), [k.strip("/") for k in keep])
+        markers, all but the paths in ``keep`` (relative to the stage's folder). The markers go
+        last: a clear cut off part way leaves them, so the next run clears again instead of
+        taking what is left (inner checkpoints of the old config) for its own."""
+        self._clear(self.stage_dir(name), [k.strip("/") for k in keep] + list(MARKERS))
+        for marker in MARKERS:
+            self.storage.rm(self.path(name, marker))
+        if not keep:
+            self.storage.rm(self.stage_dir(name), recursive=True)  # the folder itself, and what came since
 
     def _clear(self, folder: str, keep: list[str]) -> None:
         if not keep:
@@ -123,12 +131,30 @@ class RunDir:
         """Remove only the success marker, so the stage is redone from its inner checkpoints."""
         self.storage.rm(self.path(name, SUCCESS))
 
-    def status(self, name: str, fingerprint: str, mlflow_run_id: str | None) -> StageStatus:
+    def upstream_stamps(self, requires: tuple[str, ...]) -> dict[str, float | None]:
+        """When each stage in ``requires`` last finished: what a stage that reads their outputs
+        records in its success marker, to tell later that one of them was redone since."""
+        return {r: (self.success(r) or {}).get("finished") for r in requires}
+
+    def status(self, name: str, fingerprint: str, mlflow_run_id: str | None,
+               upstream: dict[str, str] | None = None) -> StageStatus:
+        """``upstream``: the states of the stages it requires, by name. A stage is done when its
+        success marker has the current fingerprint, every stage it requires is done, and none of
+        them finished again since it ran (``vfm run --only curate --force`` makes shard stale)."""
+        upstream = upstream or {}
         ok = self.success(name)
         recorded = ok.get("fingerprint") if ok else None
         metrics = ok.get("metrics", {}) if ok else {}
         if ok and recorded == fingerprint:
-            return StageStatus(name, "done", fingerprint, recorded, mlflow_run_id, metrics)
+            not_done = [r for r, state in upstream.items() if state != "done"]
+            consumed = ok.get("upstream")  # absent in markers of older versions: nothing to compare
+            redone = [r for r, stamp in self.upstream_stamps(tuple(upstream)).items()
+                      if consumed is not None and consumed.get(r) != stamp]
+            if not not_done and not redone:
+                return StageStatus(name, "done", fingerprint, recorded, mlflow_run_id, metrics)
+            why = (f"stage {not_done[0]} before it is {upstream[not_done[0]]}" if not_done
+                   else f"stage {redone[0]} before it was redone since it ran")
+            return StageStatus(name, "stale", fingerprint, recorded, mlflow_run_id, metrics, why)
         failed = self._marker(name, FAILED)
         attempt = self._marker(name, ATTEMPT)
         if attempt and not (failed and failed.get("failed", 0) >= attempt.get("started", 0)):
@@ -137,7 +163,8 @@ class RunDir:
                 return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics,
                                    f"interrupted (process {attempt.get('pid')} is gone)")
             return StageStatus(name, "running", fingerprint, recorded, mlflow_run_id, metrics,
-                               f"pid {attempt.get('pid')} on {attempt.get('host')}")
+                               f"pid {attempt.get('pid')} on {attempt.get('host')}, since "
+                               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(attempt.get('started', 0)))}")
         if failed:
             return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics, failed.get("error", ""))
         if ok:

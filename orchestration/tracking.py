@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ON_FINISH = {"done": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+ON_FINISH = {"done": "FINISHED", "partial": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
 class TrackingError(RuntimeError):
@@ -177,5 +177,3 @@ class Tracking:
         self.client.set_tag(run_id, "vfm.status", state)
         self.client.set_terminated(run_id, status=ON_FINISH.get(state, "FINISHED"))
 
-    def set_status(self, run_id: str, state: str) -> None:
-        self.client.set_tag(run_id, "vfm.status", state)

@@ -102,6 +102,16 @@ def test_secrets_are_masked_in_the_saved_config_and_params():
     assert params["shard.samples_per_shard"] == str(config.shard.samples_per_shard)
 
 
+def test_only_secrets_are_masked_and_the_saved_config_loads_back_the_same():
+    from pipeline.config.root import load_saved_config
+
+    config = load_config("smoke", ["model.n_storage_tokens=2", "storage.secret=hunter2"])
+    saved = load_saved_config("config.yaml", dump_config(config))
+    assert flatten_config(config)["model.n_storage_tokens"] == "2"  # a word of its name is not "token"
+    assert saved.model.n_storage_tokens == 2 and saved.storage.secret is None  # the environment fills secrets
+    assert saved.model_copy(update={"storage": config.storage}) == config
+
+
 def test_settings_that_only_decide_how_work_runs_leave_the_fingerprints_alone(tmp_path):
     from pipeline.stages import pipeline_engine
 

@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-SECRET_KEY = re.compile(r"secret|password|token|key", re.IGNORECASE)
+# a key named secret, password, token or key, or with one of them as a word of its name (access_key,
+# auth_token), not any name that contains the letters (model.n_storage_tokens is no secret)
+SECRET_KEY = re.compile(r"(^|_)(secret|password|token|key)(_|$)", re.IGNORECASE)
 MASK = "***"
 
 

@@ -158,11 +158,52 @@ def test_only_from_and_force(tmp_path, mlflow_uri, ray_session):
 
 def test_failed_stage_is_marked_and_resume_continues(tmp_path, mlflow_uri, ray_session):
     run_dir = tmp_path / "run"
-    with pytest.raises(StageFailed, match="b was told to fail"):
+    with pytest.raises(StageFailed, match="^stage b failed: ValueError: b was told to fail$"):  # the task's error
         make_engine(cfg(mlflow_uri, b=StepConfig(fail=True)), str(run_dir)).run()
     engine = make_engine(cfg(mlflow_uri, b=StepConfig(fail=True)), str(run_dir))
     assert [s.state for s in engine.statuses()] == ["done", "failed", "pending"]
-    assert "told to fail" in engine.statuses()[1].detail
+    assert engine.statuses()[1].detail == "ValueError: b was told to fail"
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
+
+
+def test_a_stage_redone_alone_makes_the_stages_after_it_stale(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a", force=True)  # new outputs, same fingerprint
+    statuses = make_engine(cfg(mlflow_uri), str(run_dir)).statuses()
+    assert [s.state for s in statuses] == ["done", "stale", "stale"]
+    assert statuses[1].detail == "stage a before it was redone since it ran"
+    assert statuses[2].detail == "stage b before it is stale"
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == []
+
+
+def test_a_run_that_leaves_stages_to_do_ends_its_mlflow_parent_as_partial(tmp_path, mlflow_uri, ray_session):
+    make_engine(cfg(mlflow_uri), str(tmp_path / "run")).run(only="a")
+    [parent] = [r for r in mlflow_runs(mlflow_uri) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.tags["vfm.status"] == "partial"
+
+
+def test_a_run_dir_given_as_a_file_uri_or_that_is_a_file(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), f"file://{run_dir}").run(only="a")
+    assert (run_dir / "a" / "_SUCCESS.json").exists() and (run_dir / "run.json").exists()
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a").ran == []  # the same run dir
+    with pytest.raises(EngineError, match=rf"run directory {run_dir / 'config.yaml'} is a file, not a folder"):
+        make_engine(cfg(mlflow_uri), str(run_dir / "config.yaml")).run()
+
+
+def test_a_stage_left_running_by_a_lost_machine_says_how_to_take_it_over(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
+    marker = run_dir / "b" / "_ATTEMPT.json"
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"fingerprint": "x", "pid": 4242, "host": "ray-head-lost", "started": time.time()}))
+    with pytest.raises(EngineError, match=rf"being run by another process \(pid 4242 on ray-head-lost, since .*\); "
+                                          rf"wait for it or stop it first; if that process is gone \(a machine "
+                                          rf"lost\), delete {marker}$"):
+        make_engine(cfg(mlflow_uri), str(run_dir)).run()
+    marker.unlink()
     assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
 
 
