@@ -178,13 +178,14 @@ class Engine:
             self.log("nothing to do: every selected stage is done")
             return result
 
-        run = self._open_run(run, force)
         cache_dir = Path(self.config.run.cache_dir).resolve()
         started = start_ray(self.config.ray.address, num_cpus=self.config.ray.num_cpus,
                             num_gpus=self.config.ray.num_gpus, dashboard=self.config.ray.dashboard,
                             object_store_memory_gb=self.config.ray.object_store_memory_gb, cache_dir=cache_dir)
         try:
             check_resources({s.name: s.resources(self.config) for s in todo})
+            # Only a config that can run is saved over the run dir's: `vfm resume` reads it back.
+            run = self._open_run(run, force)
             parent = self._parent_run(run)
             recorded = run["mlflow"]["stages"]
             # The stages this run does not redo keep their runs, which may sit under an older parent.

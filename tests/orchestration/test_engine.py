@@ -207,6 +207,15 @@ def test_a_stage_left_running_by_a_lost_machine_says_how_to_take_it_over(tmp_pat
     assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
 
 
+def test_a_config_the_cluster_cannot_run_is_not_saved_over_the_run_dirs(tmp_path, mlflow_uri, ray_session):
+    run_dir = tmp_path / "run"
+    make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
+    saved = (run_dir / "config.yaml").read_text()
+    with pytest.raises(RayError, match="stage b holds 64 CPUs"):
+        make_engine(cfg(mlflow_uri, b=StepConfig(held_cpus=64)), str(run_dir)).run()
+    assert (run_dir / "config.yaml").read_text() == saved  # what `vfm resume` reads is still the config that ran
+
+
 def test_run_dir_of_another_config_is_refused_unless_forced(tmp_path, mlflow_uri, ray_session):
     run_dir = tmp_path / "run"
     make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
