@@ -26,7 +26,7 @@ from typing import Any
 
 from data_curation.storage import Storage
 from orchestration.ray_runtime import check_resources, remote_cause, start_ray, stop_ray
-from orchestration.rundir import RunDir, StageStatus
+from orchestration.rundir import ATTEMPT, RunDir, StageStatus
 from orchestration.stage import Stage, StageContext
 from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
 
@@ -161,7 +161,7 @@ class Engine:
         status = {s.name: s for s in self.statuses()}
         for st in status.values():
             if st.state == "running":
-                marker = self.rundir.path(st.name, "_ATTEMPT.json")
+                marker = self.rundir.path(st.name, ATTEMPT)
                 raise EngineError(f"stage {st.name} is being run by another process ({st.detail}); wait for it "
                                   f"or stop it first; if that process is gone (a machine lost), delete {marker}")
         todo = [s for s in selected if s.name in forced or status[s.name].state != "done"]

@@ -148,8 +148,8 @@ class RunDir:
         if ok and recorded == fingerprint:
             not_done = [r for r, state in upstream.items() if state != "done"]
             consumed = ok.get("upstream")  # absent in markers of older versions: nothing to compare
-            redone = [r for r, stamp in self.upstream_stamps(tuple(upstream)).items()
-                      if consumed is not None and consumed.get(r) != stamp]
+            redone = [] if not_done or consumed is None else [
+                r for r, stamp in self.upstream_stamps(tuple(upstream)).items() if consumed.get(r) != stamp]
             if not not_done and not redone:
                 return StageStatus(name, "done", fingerprint, recorded, mlflow_run_id, metrics)
             why = (f"stage {not_done[0]} before it is {upstream[not_done[0]]}" if not_done
