@@ -2,7 +2,8 @@
 
 Exact duplicates share a sha256. Near duplicates are found among the distinct images: a
 faiss k-NN search on unit-norm descriptors, an edge wherever cosine similarity exceeds
-the threshold, connected components over those edges. Each component (exact copies
+the threshold, connected components over those edges. The descriptors are searched a
+block at a time and only the edges are kept, so the index is the one copy in RAM. Each component (exact copies
 included) is one duplicate group; the first row of a group in input order is kept, so
 the choice is deterministic.
 """
@@ -14,7 +15,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from data_curation.knn import knn_search
+from data_curation.knn import RowSet, build_ip_index, search_blocks
 
 
 @dataclass(frozen=True)
@@ -32,31 +33,35 @@ class DedupResult:
         return int(sum(k == "near" for k in self.kind))
 
 
-def deduplicate(sha256: list[str] | np.ndarray, descriptors: np.ndarray, threshold: float = 0.99,
+def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray, threshold: float = 0.99,
                 k: int = 16) -> DedupResult:
     """Group rows that are byte-identical or whose descriptors are more similar than ``threshold``.
 
-    ``descriptors`` is (N, D) float32 with unit-norm rows (zero rows never match anything).
+    ``descriptors`` is (N, D) float32 with unit-norm rows (zero rows never match anything),
+    an array or the rows of memory-mapped chunks.
     """
     sha = np.asarray(sha256, dtype=object)
     n = len(sha)
     if n == 0:
         return DedupResult(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, object))
     # Exact: every row points at the first row with the same bytes.
-    first_of: dict[str, int] = {}
-    representative = np.empty(n, dtype=np.int64)
-    for i, digest in enumerate(sha):
-        representative[i] = first_of.setdefault(digest, i)
-    unique_rows = np.flatnonzero(representative == np.arange(n))
+    _, first, same = np.unique(sha, return_index=True, return_inverse=True)
+    representative = first[same.ravel()]
+    unique_rows = np.sort(first)
 
     # Near: k-NN among the distinct images only, then connected components.
-    vectors = np.ascontiguousarray(descriptors[unique_rows], dtype=np.float32)
+    vectors = RowSet.of(descriptors).subset(unique_rows)
     m = len(unique_rows)
-    sims, neighbours = knn_search(vectors, vectors, min(k + 1, m))
-    src = np.repeat(np.arange(m), neighbours.shape[1])
-    dst = neighbours.ravel()
-    edge = (sims.ravel() > threshold) & (dst >= 0) & (dst != src)
-    graph = coo_matrix((np.ones(int(edge.sum()), dtype=np.int8), (src[edge], dst[edge])), shape=(m, m))
+    index = build_ip_index(vectors)
+    src, dst = [], []
+    for start, sims, neighbours in search_blocks(index, vectors, min(k + 1, m)):
+        rows = np.arange(start, start + len(sims))[:, None]
+        edge = (sims > threshold) & (neighbours >= 0) & (neighbours != rows)
+        src.append(np.broadcast_to(rows, edge.shape)[edge])
+        dst.append(neighbours[edge])
+    del index
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(m, m))
     _count, component = connected_components(graph, directed=False)
 
     component_of_row = component[np.searchsorted(unique_rows, representative)]

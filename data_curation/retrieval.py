@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_curation.knn import knn_search
+from data_curation.knn import RowSet, knn_search
 
 
-def retrieval_picks(pool: np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
+def retrieval_picks(pool: RowSet | np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
     """Sorted unique pool row indices among the ``k`` nearest neighbours of each seed.
 
-    ``pool`` (N, D) and ``seeds`` (S, D) hold unit-norm rows.
+    ``pool`` (N, D; an array or the rows of memory-mapped chunks) and ``seeds`` (S, D) hold
+    unit-norm rows.
     """
     if len(pool) == 0 or len(seeds) == 0:
         return np.zeros(0, dtype=np.int64)

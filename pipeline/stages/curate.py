@@ -28,6 +28,7 @@ from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
+from data_curation.knn import RowSet
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
@@ -329,7 +330,7 @@ class CurateStage(Stage):
     @staticmethod
     def _dedup(cfg, chunks: list[Chunk], meta: pa.Table, accepted_rows: np.ndarray):
         key = "copy" if cfg.dedup.descriptor == "copy" else "embedding"
-        vectors = np.concatenate([np.asarray(getattr(c, key)) for c in chunks])  # what faiss needs, nothing more
+        vectors = RowSet([getattr(c, key) for c in chunks])
         sha = np.asarray(meta.column("sha256").to_pylist(), dtype=object)[accepted_rows]
         return deduplicate(sha, vectors, cfg.dedup.threshold, cfg.dedup.k)
 
@@ -338,12 +339,9 @@ class CurateStage(Stage):
                  ctx: StageContext) -> tuple[Hierarchy, np.ndarray, np.ndarray]:
         """Fit on a sample of the kept rows, then assign all kept rows chunk by chunk on Ray."""
         params = kmeans_params(cfg.cluster, seed)
-        offsets = np.cumsum([0] + [len(c.embedding) for c in chunks])
         kept_rows = np.flatnonzero(kept)  # positions among accepted rows
         train_rows = kept_rows[training_rows(len(kept_rows), params)]
-        owner = np.searchsorted(offsets, train_rows, side="right") - 1
-        train = np.concatenate([np.asarray(c.embedding[train_rows[owner == o] - offsets[o]])
-                                for o, c in enumerate(chunks)])  # (n_train, D), only the sample in RAM
+        train = RowSet([c.embedding for c in chunks]).take(train_rows)  # (n_train, D), only the sample in RAM
         hierarchy = fit_hierarchy(train, params)
         ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}")
         assigned = assign_chunks(store, [c.index for c in chunks], hierarchy.centroids[0], ctx.cache_dir / "assign")
@@ -370,7 +368,7 @@ class CurateStage(Stage):
             return np.zeros(0, dtype=np.int64)
         embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
         seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
-        pool = np.concatenate([np.asarray(c.embedding) for c in chunks])[kept]
+        pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
         return retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
 
     @staticmethod

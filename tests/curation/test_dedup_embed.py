@@ -1,13 +1,16 @@
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from data_curation import knn
 from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
 from data_curation.dedup import deduplicate
 from data_curation.embedders import GradientHistogramEmbedder
 from data_curation.embedding_store import chunk_indices, chunk_name
+from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
 from data_curation.storage import Storage
 
@@ -76,3 +79,54 @@ def test_chunk_indices_past_a_million_are_found(tmp_path):
     (tmp_path / f"{chunk_name(7)}.embedding.npy").write_bytes(b"")  # not a chunk's marker file
     (tmp_path / "chunk-12.parquet").write_bytes(b"")  # not a name chunk_name writes
     assert chunk_indices(str(tmp_path), Storage()) == {0, 999_999, 1_000_000, 12_345_678}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _memmapped_parts(tmp_path, vectors: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    parts, start = [], 0
+    for i, size in enumerate(sizes):
+        np.save(tmp_path / f"part{i}.npy", vectors[start:start + size])
+        parts.append(np.load(tmp_path / f"part{i}.npy", mmap_mode="r"))
+        start += size
+    return parts
+
+
+def test_row_set_reads_selected_rows_across_parts_in_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(knn, "BLOCK_ROWS", 4)
+    vectors = np.arange(40, dtype=np.float32).reshape(20, 2)
+    rows = RowSet(_memmapped_parts(tmp_path, vectors, [6, 0, 9, 5]))
+    assert (len(rows), rows.dim) == (20, 2)
+    assert [len(b) for b in rows.blocks()] == [4, 2, 4, 4, 1, 4, 1]
+    picked = rows.subset(np.array([0, 5, 6, 7, 14, 15, 19]))
+    assert np.array_equal(np.concatenate(list(picked.blocks())), vectors[[0, 5, 6, 7, 14, 15, 19]])
+    assert np.array_equal(picked.take(np.array([1, 2, 6])), vectors[[5, 6, 19]])
+    assert picked.take(np.array([], dtype=np.int64)).shape == (0, 2)
+    with pytest.raises(ValueError, match="sorted"):
+        RowSet(rows.parts, np.array([3, 1]))
+
+
+@pytest.mark.parametrize("flat_max", [knn.FLAT_MAX, 100])  # 100: the IVF index of large pools
+def test_dedup_over_memmapped_chunks_matches_one_array(tmp_path, monkeypatch, flat_max):
+    """Near duplicates in different chunks and across search blocks are found as in one array."""
+    monkeypatch.setattr(knn, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(knn, "FLAT_MAX", flat_max)
+    rng = np.random.default_rng(0)
+    vectors = _unit(rng.normal(size=(600, 16)))
+    copies = rng.choice(500, size=40, replace=False)
+    vectors[500:540] = _unit(vectors[copies] + 0.01 * rng.normal(size=(40, 16)))
+    sha = [f"s{i}" for i in range(600)]
+    sha[590] = sha[3]  # an exact copy: never searched
+    whole = deduplicate(sha, vectors, threshold=0.99)
+    chunked = deduplicate(sha, RowSet(_memmapped_parts(tmp_path, vectors, [250, 100, 250])), threshold=0.99)
+    assert np.array_equal(whole.group, chunked.group) and np.array_equal(whole.kept, chunked.kept)
+    assert (chunked.n_exact, chunked.n_near) == (1, 40)
+    assert set(np.flatnonzero(~chunked.kept)) == set(range(500, 540)) | {590}
+
+
+def test_retrieval_over_selected_chunk_rows():
+    pool = RowSet([np.eye(5, dtype=np.float32)[:2], np.eye(5, dtype=np.float32)[2:]])
+    seeds = np.array([[0, 0, 0, 0, 1], [0, 0, 1, 0.1, 0]], dtype=np.float32)
+    assert retrieval_picks(pool.subset(np.array([1, 2, 4])), seeds, 1).tolist() == [1, 2]  # rows 2 and 4
