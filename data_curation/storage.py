@@ -176,7 +176,9 @@ class Storage:
         """The bytes of each URI, in order, or what reading it raised; never raises itself.
 
         A file that does not exist is a FileNotFoundError (a local file's other troubles are its
-        OSError); anything else on a remote store (unreachable, denied, failing after s3fs's
+        OSError), and so is an object's own: a remote object the store refuses (AccessDenied,
+        an archived Glacier object: PermissionError) while it serves others of the same batch.
+        Anything else on a remote store (unreachable, every read denied, failing after s3fs's
         retries) is a StorageError naming the URI, which callers treat as the store's trouble,
         not the file's. Remote files are fetched concurrently (fsspec's batched cat_ranges,
         which also takes ``[`` and ``*`` in keys literally); local ones in turn.
@@ -197,8 +199,12 @@ class Storage:
                 blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
             except Exception as exc:  # the whole batch failed; each URI gets the error
                 blobs = [exc] * len(rows)
+            served = any(isinstance(blob, bytes) for blob in blobs)  # so a denial is the object's, not ours
             for i, blob in zip(rows, blobs, strict=True):
-                out[i] = blob if isinstance(blob, bytes) else self.read_failure(uris[i], blob)
+                if isinstance(blob, bytes) or (served and isinstance(blob, PermissionError)):
+                    out[i] = blob
+                else:
+                    out[i] = self.read_failure(uris[i], blob)
         return out
 
     @staticmethod

@@ -39,6 +39,39 @@ def s3(s3_server):
 
 
 @pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 in server mode on loopback, for what SeaweedFS cannot do: archived (Glacier)
+    objects, which a GET refuses with InvalidObjectState. Yields its endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto_bucket(moto_server):
+    """A fresh bucket on the moto server: (boto3 client, bucket name, Storage for it)."""
+    import uuid
+
+    import boto3
+
+    from data_curation.storage import Storage
+
+    credentials = {"aws_access_key_id": "moto", "aws_secret_access_key": "moto"}
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", **credentials)
+    bucket = f"m-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    storage = Storage({"endpoint_url": moto_server, "key": "moto", "secret": "moto"})
+    return client, bucket, storage
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the whole test session, on loopback; the engine reuses it instead of starting its own."""
     import ray

@@ -140,6 +140,23 @@ def test_s3_errors_are_one_line_storage_errors_naming_the_uri(s3):
         down.exists(s3.uri("x.json"))
 
 
+def test_an_object_the_store_refuses_is_its_own_trouble_when_the_store_serves_others(moto_bucket, s3):
+    client, bucket, storage = moto_bucket
+    client.put_object(Bucket=bucket, Key="ok.png", Body=b"fine")
+    for key in ("cold.png", "colder.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"archived", StorageClass="GLACIER")
+    uri = f"s3://{bucket}/"
+    ok, cold, missing = storage.read_many([uri + "ok.png", uri + "cold.png", uri + "missing.png"])
+    assert ok == b"fine" and isinstance(missing, FileNotFoundError)
+    assert isinstance(cold, PermissionError) and not isinstance(cold, StorageError)
+    # Nothing in the batch served: the store (credentials, policy) is at fault, not the objects.
+    assert all(isinstance(r, StorageError) for r in storage.read_many([uri + "cold.png", uri + "colder.png"]))
+    s3.storage.write_bytes(s3.uri("a.png"), b"a")
+    s3.storage.write_bytes(s3.uri("b.png"), b"b")
+    wrong = Storage({**s3.storage_options(), "secret": "wrong"})
+    assert all(isinstance(r, StorageError) for r in wrong.read_many([s3.uri("a.png"), s3.uri("b.png")]))
+
+
 def test_a_download_killed_part_way_leaves_nothing_under_its_final_name(s3, tmp_path):
     """Embedding chunks of an S3 run dir are cached locally and a cached file is reused as is:
     a cut-off download must never sit there under the final name."""

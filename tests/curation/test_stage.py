@@ -325,6 +325,26 @@ def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path)
     assert ("class_histogram.png", "plots") in ctx.tracker.artifacts
 
 
+@pytest.mark.slow
+def test_archived_s3_objects_are_rejected_as_unreadable_and_the_stage_completes(ray_session, mixed_pool, moto_bucket,
+                                                                                  tmp_path):
+    """An object the store will not serve (Glacier, AccessDenied) fails every attempt the same
+    way: it is a bad image, counted, not a reason to stop curating the pool."""
+    client, bucket, storage = moto_bucket
+    storage.put_tree(mixed_pool / "pool", f"s3://{bucket}/pool")
+    cold = ["pool/d02.png", "pool/sub/d07.png"]
+    for key in cold:
+        client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key}, StorageClass="GLACIER")
+    section = CurateConfig.model_validate({"sources": [f"s3://{bucket}/pool"], "decode": {"max_pixels": 5_000_000},
+                                           "sample": {"target": 0.5}, "cluster": {"levels": [{"k": 4}, {"k": 2}]}})
+    metrics = CurateStage().run(_context(tmp_path, section, Recording, storage))
+    manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet").to_pandas()
+    unreadable = manifest[manifest.reject_reason == "unreadable"].uri.tolist()
+    assert sorted(unreadable) == [f"s3://{bucket}/{key}" for key in cold]
+    assert metrics["rejected_unreadable"] == 2 and metrics["rejected"] == len(bad_files()) + 2
+    assert metrics["accepted"] == 41 + len(odd_files()) + 2 - 2
+
+
 class ServerStopsBeforeEmbedding(StageContext):
     """Stops the S3 server holding the pool once the pool is listed, before any image is read."""
     server = None
