@@ -32,8 +32,12 @@ class RowSet:
         return vectors if isinstance(vectors, RowSet) else cls([np.asarray(vectors)])
 
     def __post_init__(self) -> None:
-        if self.rows is not None and len(self.rows) and np.any(np.diff(self.rows) <= 0):
-            raise ValueError("RowSet rows must be sorted and distinct")
+        if self.rows is not None and len(self.rows):
+            if np.any(np.diff(self.rows) <= 0):
+                raise ValueError("RowSet rows must be sorted and distinct")
+            if self.rows[0] < 0 or self.rows[-1] >= self._offsets[-1]:
+                raise ValueError(f"RowSet rows {self.rows[0]}..{self.rows[-1]} are not all within the parts' "
+                                 f"{self._offsets[-1]} rows")
 
     @property
     def _offsets(self) -> np.ndarray:

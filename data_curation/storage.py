@@ -19,6 +19,43 @@ from typing import Any, BinaryIO
 import fsspec
 
 
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def _link_or_create(tmp: str, dest: Path) -> None:
+    """Put the finished file ``tmp`` at ``dest`` unless something is there (FileExistsError):
+    a hard link, or where the filesystem has none (SMB, some FUSE mounts) an exclusive create
+    and copy, which a reader may see part written."""
+    try:
+        os.link(tmp, dest)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as out, open(tmp, "rb") as src:
+        shutil.copyfileobj(src, out)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+# Why an S3 GET fails that is the object's own, not the store's or the credentials'.
+_ARCHIVED = "InvalidObjectState"  # Glacier / Deep Archive: every attempt fails alike until restored
+_DENIED = "AccessDenied"  # the object's own only where the store serves other objects of its bucket
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs raised (it keeps botocore's as the cause)."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and (code := response.get("Error", {}).get("Code")):
+            return str(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and the cause in one line."""
 
@@ -176,11 +213,11 @@ class Storage:
         """The bytes of each URI, in order, or what reading it raised; never raises itself.
 
         A file that does not exist is a FileNotFoundError (a local file's other troubles are its
-        OSError), and so is an object's own: a remote object the store refuses (AccessDenied,
-        an archived Glacier object: PermissionError) while it serves others of the same batch.
-        Anything else on a remote store (unreachable, every read denied, failing after s3fs's
-        retries) is a StorageError naming the URI, which callers treat as the store's trouble,
-        not the file's. Remote files are fetched concurrently (fsspec's batched cat_ranges,
+        OSError), and so is an object's own refusal, a PermissionError: an archived object
+        (Glacier: InvalidObjectState), or AccessDenied while the store serves other objects of
+        the same bucket in this batch. Anything else on a remote store (unreachable, expired or
+        wrong credentials, a whole bucket denied, failing after s3fs's retries) is a
+        StorageError naming the URI, which callers treat as the store's trouble, not the file's. Remote files are fetched concurrently (fsspec's batched cat_ranges,
         which also takes ``[`` and ``*`` in keys literally); local ones in turn.
         """
         out: list[bytes | Exception] = [OSError("not read")] * len(uris)
@@ -199,12 +236,11 @@ class Storage:
                 blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
             except Exception as exc:  # the whole batch failed; each URI gets the error
                 blobs = [exc] * len(rows)
-            served = any(isinstance(blob, bytes) for blob in blobs)  # so a denial is the object's, not ours
+            served = {_bucket(uris[i]) for i, blob in zip(rows, blobs, strict=True) if isinstance(blob, bytes)}
             for i, blob in zip(rows, blobs, strict=True):
-                if isinstance(blob, bytes) or (served and isinstance(blob, PermissionError)):
-                    out[i] = blob
-                else:
-                    out[i] = self.read_failure(uris[i], blob)
+                code = None if isinstance(blob, bytes) else _s3_error_code(blob)
+                own = code == _ARCHIVED or (code == _DENIED and _bucket(uris[i]) in served)
+                out[i] = blob if isinstance(blob, bytes) or own else self.read_failure(uris[i], blob)
         return out
 
     @staticmethod
@@ -247,8 +283,10 @@ class Storage:
 
     # -- writing (atomic) ------------------------------------------------------------
     @staticmethod
-    def _replace_local(uri: str, write: Callable[[BinaryIO], None]) -> None:
-        """Write through ``write`` into a temp file beside the destination, fsync, rename into place."""
+    def _replace_local(uri: str, write: Callable[[BinaryIO], None], place: Callable[[str, Path], None] = os.replace,
+                       ) -> None:
+        """Write through ``write`` into a temp file beside the destination, fsync, then ``place``
+        it there (rename over it; ``os.link`` fails instead when the destination exists)."""
         dest = Path(uri.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -257,10 +295,9 @@ class Storage:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
+            place(tmp, dest)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write ``data`` to ``uri`` so that readers see the old object or the new, never half."""
@@ -269,6 +306,26 @@ class Storage:
             self._guard(uri, "write", fs.pipe_file, path, data)
         else:
             self._replace_local(uri, lambda f: f.write(data))
+
+    def create_bytes(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` to ``uri`` only if nothing is there, atomically: False if something
+        was. Locally a hard link of a finished temp file; on S3 a conditional PUT (If-None-Match:
+        *, which AWS S3, SeaweedFS and recent MinIO honour; a store that ignores it overwrites)."""
+        if not _is_remote(uri):
+            try:
+                self._replace_local(uri, lambda f: f.write(data), place=_link_or_create)
+            except FileExistsError:
+                return False
+            return True
+        fs, path = self.fs(uri)
+        try:
+            fs.pipe_file(path, data, IfNoneMatch="*")
+        except Exception as exc:
+            # 409: another conditional write to the key is in flight (AWS), which wins or fails on its own
+            if _s3_error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise StorageError.of("write", uri, exc) from exc
+        return True
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))

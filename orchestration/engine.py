@@ -26,7 +26,8 @@ from typing import Any
 
 from data_curation.storage import Storage
 from orchestration.ray_runtime import check_resources, remote_cause, start_ray, stop_ray
-from orchestration.rundir import ATTEMPT, RunDir, StageStatus
+from orchestration.rundir import RunDir, StageStatus
+from orchestration.runlock import STALE_S, RunLock, describe, live_holder
 from orchestration.stage import Stage, StageContext
 from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
 
@@ -99,6 +100,7 @@ class Engine:
         self.tracking = Tracking(resolve_tracking_uri(config.mlflow.tracking_uri))
         self.fingerprints = self._fingerprints()
         self.reusable = {s.name: self._reusable(s) for s in stages}
+        self._lock: RunLock | None = None  # held while run() runs
 
     # -- fingerprints and status -----------------------------------------------------
     def _fingerprints(self) -> dict[str, str]:
@@ -120,20 +122,23 @@ class Engine:
     def statuses(self) -> list[StageStatus]:
         run = self.rundir.read_run() or {}
         ids = run.get("mlflow", {}).get("stages", {})
+        holder = live_holder(self.storage, self.rundir.uri)
         states: dict[str, str] = {}
         out = []
         for s in self.stages:
             st = self.rundir.status(s.name, self.fingerprints[s.name], (ids.get(s.name) or {}).get("run_id"),
-                                    {r: states[r] for r in s.requires})
+                                    {r: states[r] for r in s.requires}, holder)
             states[s.name] = st.state
             out.append(st)
         return out
 
     # -- checks before any work ------------------------------------------------------
-    def _check_run_dir(self, force: bool) -> dict[str, Any] | None:
+    def _check_folder(self) -> None:
         uri = self.rundir.uri
         if self.storage.exists(uri) and not self.storage.isdir(uri):
             raise EngineError(f"run directory {uri} is a file, not a folder; give another --run-dir")
+
+    def _check_run(self, force: bool) -> dict[str, Any] | None:
         run = self.rundir.read_run()
         if run and run.get("config_name") != self.config.name and not force:
             raise EngineError(
@@ -154,16 +159,26 @@ class Engine:
 
     # -- the run ---------------------------------------------------------------------
     def run(self, *, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
-        run = self._check_run_dir(force)
+        self._check_folder()
         self.tracking.check()
         selected = self._select(only, start)
+        lock = RunLock(self.storage, self.rundir.uri, self.log)
+        if (held := lock.acquire()) is not None:
+            raise EngineError(f"run directory {self.rundir.uri} is being run by another process ({describe(held)}); "
+                              f"wait for it or stop it first; a run whose machine was lost is taken over "
+                              f"{STALE_S / 60:.0f} min after its last heartbeat, or at once if you delete "
+                              f"{held['uri']}")
+        self._lock = lock
+        try:
+            return self._run_locked(selected, start, force)
+        finally:
+            self._lock = None
+            lock.release()
+
+    def _run_locked(self, selected: list[Stage], start: str | None, force: bool) -> RunResult:
+        run = self._check_run(force)  # read under the lock: a run that just ended may have changed it
         forced = {s.name for s in selected} if (force or start) else set()
         status = {s.name: s for s in self.statuses()}
-        for st in status.values():
-            if st.state == "running":
-                marker = self.rundir.path(st.name, ATTEMPT)
-                raise EngineError(f"stage {st.name} is being run by another process ({st.detail}); wait for it "
-                                  f"or stop it first; if that process is gone (a machine lost), delete {marker}")
         todo = [s for s in selected if s.name in forced or status[s.name].state != "done"]
         needed = {r for s in todo for r in s.requires}
         selected_names = {s.name for s in selected}
@@ -194,6 +209,10 @@ class Engine:
             self.tracking.tracker(parent).set_tags(kept)
             try:
                 for stage in todo:
+                    if self._lock.lost_to is not None:
+                        raise EngineError(f"another run took over this run dir ({describe(self._lock.lost_to)}), "
+                                          f"judging this one gone; stopping before stage {stage.name} so that "
+                                          f"the two do not overwrite each other")
                     result.metrics[stage.name] = self._run_stage(stage, run, parent, cache_dir,
                                                                  fresh=force and stage.name in forced)
                     result.ran.append(stage.name)
@@ -294,7 +313,7 @@ class Engine:
                                           "vfm.output_uri": self.rundir.stage_dir(name)}, params, settings)
         mlf["stages"][name] = {"run_id": run_id, "fingerprint": fp}
         self.rundir.write_run(run)
-        self.rundir.mark_attempt(name, fp, reusable)
+        self.rundir.mark_attempt(name, fp, reusable, self._lock.token)
         ctx = StageContext(
             name=name, config=self.config, section=getattr(self.config, name), run_dir=self.rundir.uri,
             dir=self.rundir.stage_dir(name), work_dir=self.rundir.work_dir(name),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_curation.storage import Storage
+from orchestration.runlock import describe
 
 SUCCESS, ATTEMPT, FAILED = "_SUCCESS.json", "_ATTEMPT.json", "_FAILED.json"
 MARKERS = (SUCCESS, ATTEMPT, FAILED)
@@ -36,16 +37,6 @@ class StageStatus:
         return {"stage": self.name, "state": self.state, "fingerprint": self.fingerprint,
                 "recorded_fingerprint": self.recorded_fingerprint, "mlflow_run_id": self.mlflow_run_id,
                 "metrics": self.metrics, "detail": self.detail}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunDir:
@@ -85,12 +76,13 @@ class RunDir:
     def attempt(self, name: str) -> dict[str, Any] | None:
         return self._marker(name, ATTEMPT)
 
-    def mark_attempt(self, name: str, fingerprint: str, reusable: dict[str, str]) -> None:
-        """``reusable``: the digest of what each reusable path of the stage was written under."""
+    def mark_attempt(self, name: str, fingerprint: str, reusable: dict[str, str], lock: str) -> None:
+        """``reusable``: the digest of what each reusable path of the stage was written under;
+        ``lock``: the token of the run lock the attempt runs under."""
         self.storage.rm(self.path(name, FAILED))
         self.storage.write_json(self.path(name, ATTEMPT), {
             "fingerprint": fingerprint, "reusable": reusable, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.time()})
+            "started": time.time(), "lock": lock})
 
     def mark_failed(self, name: str, fingerprint: str, error: str) -> None:
         self.storage.write_json(self.path(name, FAILED), {
@@ -137,10 +129,12 @@ class RunDir:
         return {r: (self.success(r) or {}).get("finished") for r in requires}
 
     def status(self, name: str, fingerprint: str, mlflow_run_id: str | None,
-               upstream: dict[str, str] | None = None) -> StageStatus:
+               upstream: dict[str, str] | None = None, holder: dict[str, Any] | None = None) -> StageStatus:
         """``upstream``: the states of the stages it requires, by name. A stage is done when its
         success marker has the current fingerprint, every stage it requires is done, and none of
-        them finished again since it ran (``vfm run --only curate --force`` makes shard stale)."""
+        them finished again since it ran (``vfm run --only curate --force`` makes shard stale).
+        ``holder``: the live run lock (runlock.live_holder), if any: an attempt made under
+        another lock was interrupted."""
         upstream = upstream or {}
         ok = self.success(name)
         recorded = ok.get("fingerprint") if ok else None
@@ -158,13 +152,11 @@ class RunDir:
         failed = self._marker(name, FAILED)
         attempt = self._marker(name, ATTEMPT)
         if attempt and not (failed and failed.get("failed", 0) >= attempt.get("started", 0)):
-            same_host = attempt.get("host") == socket.gethostname()
-            if same_host and not _pid_alive(int(attempt.get("pid", -1))):
-                return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics,
-                                   f"interrupted (process {attempt.get('pid')} is gone)")
-            return StageStatus(name, "running", fingerprint, recorded, mlflow_run_id, metrics,
-                               f"pid {attempt.get('pid')} on {attempt.get('host')}, since "
-                               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(attempt.get('started', 0)))}")
+            if holder is not None and attempt.get("lock") == holder.get("token"):
+                return StageStatus(name, "running", fingerprint, recorded, mlflow_run_id, metrics, describe(holder))
+            return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics,
+                               f"interrupted (process {attempt.get('pid')} on {attempt.get('host')} no longer "
+                               f"holds the run dir)")
         if failed:
             return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics, failed.get("error", ""))
         if ok:

@@ -140,7 +140,7 @@ def test_s3_errors_are_one_line_storage_errors_naming_the_uri(s3):
         down.exists(s3.uri("x.json"))
 
 
-def test_an_object_the_store_refuses_is_its_own_trouble_when_the_store_serves_others(moto_bucket, s3):
+def test_an_archived_object_is_its_own_trouble_and_rejected_credentials_the_stores(moto_bucket, s3):
     client, bucket, storage = moto_bucket
     client.put_object(Bucket=bucket, Key="ok.png", Body=b"fine")
     for key in ("cold.png", "colder.png"):
@@ -149,11 +149,11 @@ def test_an_object_the_store_refuses_is_its_own_trouble_when_the_store_serves_ot
     ok, cold, missing = storage.read_many([uri + "ok.png", uri + "cold.png", uri + "missing.png"])
     assert ok == b"fine" and isinstance(missing, FileNotFoundError)
     assert isinstance(cold, PermissionError) and not isinstance(cold, StorageError)
-    # Nothing in the batch served: the store (credentials, policy) is at fault, not the objects.
-    assert all(isinstance(r, StorageError) for r in storage.read_many([uri + "cold.png", uri + "colder.png"]))
+    # Archived fails every attempt alike, even where nothing else in the batch was served.
+    assert all(type(r) is PermissionError for r in storage.read_many([uri + "cold.png", uri + "colder.png"]))
     s3.storage.write_bytes(s3.uri("a.png"), b"a")
     s3.storage.write_bytes(s3.uri("b.png"), b"b")
-    wrong = Storage({**s3.storage_options(), "secret": "wrong"})
+    wrong = Storage({**s3.storage_options(), "secret": "wrong"})  # SignatureDoesNotMatch: a PermissionError too
     assert all(isinstance(r, StorageError) for r in wrong.read_many([s3.uri("a.png"), s3.uri("b.png")]))
 
 

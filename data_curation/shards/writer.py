@@ -111,7 +111,7 @@ def build_shard(job: ShardJob, out: _HashingFile, storage: Storage, options: Enc
         if isinstance(source, FileNotFoundError):
             skipped["missing"] += 1
             continue
-        if isinstance(source, tarfile.TarError):
+        if isinstance(source, tarfile.TarError | PermissionError):  # a broken tar, an archived object
             skipped["unreadable"] += 1
             continue
         if isinstance(source, Exception):  # storage trouble, not bad data: fail, and the rerun resumes

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.engine import EngineError, StageFailed
 from orchestration.ray_runtime import RayError
+from orchestration.runlock import STALE_S, lock_name
 from orchestration.tracking import TrackingError
 from pipeline.config.core import MlflowConfig, RunConfig
 from tests.orchestration.standin import StandinConfig, StepConfig, make_engine
@@ -193,18 +194,56 @@ def test_a_run_dir_given_as_a_file_uri_or_that_is_a_file(tmp_path, mlflow_uri, r
         make_engine(cfg(mlflow_uri), str(run_dir / "config.yaml")).run()
 
 
-def test_a_stage_left_running_by_a_lost_machine_says_how_to_take_it_over(tmp_path, mlflow_uri, ray_session):
+def test_a_run_on_another_machine_holds_the_run_dir_until_its_heartbeat_stops(tmp_path, mlflow_uri, ray_session):
     run_dir = tmp_path / "run"
     make_engine(cfg(mlflow_uri), str(run_dir)).run(only="a")
-    marker = run_dir / "b" / "_ATTEMPT.json"
-    marker.parent.mkdir()
-    marker.write_text(json.dumps({"fingerprint": "x", "pid": 4242, "host": "ray-head-lost", "started": time.time()}))
-    with pytest.raises(EngineError, match=rf"being run by another process \(pid 4242 on ray-head-lost, since .*\); "
-                                          rf"wait for it or stop it first; if that process is gone \(a machine "
-                                          rf"lost\), delete {marker}$"):
+    attempt = run_dir / "b" / "_ATTEMPT.json"  # stage b, started by that machine
+    attempt.parent.mkdir()
+    attempt.write_text(json.dumps({"fingerprint": "x", "pid": 4242, "host": "ray-head-lost", "started": time.time(),
+                                   "lock": "theirs"}))
+    lock = run_dir / lock_name(1)
+    held = {"token": "theirs", "pid": 4242, "host": "ray-head-lost", "started": time.time() - 60,
+            "heartbeat": time.time() - 5}
+    lock.write_text(json.dumps(held))
+    statuses = make_engine(cfg(mlflow_uri), str(run_dir)).statuses()
+    assert statuses[1].state == "running" and statuses[1].detail.startswith("pid 4242 on ray-head-lost, since ")
+    with pytest.raises(EngineError, match=rf"^run directory {run_dir} is being run by another process \(pid 4242 on "
+                                          rf"ray-head-lost, since .*, heartbeat 5 s ago\); wait for it or stop it "
+                                          rf"first; .* taken over 5 min after its last heartbeat, or at once if you "
+                                          rf"delete {lock}$"):
         make_engine(cfg(mlflow_uri), str(run_dir)).run()
-    marker.unlink()
-    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == ["b", "c"]
+    assert json.loads(lock.read_text())["token"] == "theirs"  # not touched
+    lock.write_text(json.dumps({**held, "heartbeat": time.time() - STALE_S - 1}))  # that machine was lost
+    statuses = make_engine(cfg(mlflow_uri), str(run_dir)).statuses()
+    assert statuses[1].state == "failed" and "interrupted" in statuses[1].detail
+    lines = []
+    assert make_engine(cfg(mlflow_uri), str(run_dir), log=lines.append).run().ran == ["b", "c"]
+    assert any(line.startswith("taking over the run dir from a run that is gone (pid 4242 on ray-head-lost")
+               and line.endswith(f"no heartbeat for {STALE_S + 1:.0f} s)") for line in lines), lines
+    assert not list(run_dir.glob("_LOCK-*"))  # the stale lock removed once taken over, the new one at the end
+
+
+def test_a_second_run_on_a_busy_run_dir_is_refused_and_takes_nothing_away(tmp_path, mlflow_uri, ray_session):
+    """Two `vfm run`s on one run dir started seconds apart used to both run every stage."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.orchestration.standin", str(run_dir), mlflow_uri]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "STANDIN_SLEEP": "0.5"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("_LOCK-*.json")):
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline, "the first run never claimed the run dir"
+            time.sleep(0.1)
+        with pytest.raises(EngineError, match=rf"is being run by another process \(pid {first.pid} on "):
+            make_engine(cfg(mlflow_uri), str(run_dir)).run()
+        assert first.wait(timeout=300) == 0, first.stdout.read().decode()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]  # each stage ran once, by the first run
+    assert make_engine(cfg(mlflow_uri), str(run_dir)).run().ran == []
 
 
 def test_a_config_the_cluster_cannot_run_is_not_saved_over_the_run_dirs(tmp_path, mlflow_uri, ray_session):
