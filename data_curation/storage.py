@@ -142,8 +142,10 @@ class Storage:
         return int(self._guard(uri, "stat", fs.size, path))
 
     def ls(self, uri: str) -> list[str]:
-        """The URIs directly under ``uri`` (sorted); empty if it does not exist."""
+        """The URIs directly under ``uri`` (sorted); empty if it does not exist. Listed anew, not
+        from s3fs's cache: other processes write here too (chunks, the run lock)."""
         fs, path = self.fs(uri)
+        fs.invalidate_cache(path)
         if not self._guard(uri, "list", fs.exists, path):
             return []
         names = self._guard(uri, "list", fs.ls, path, detail=False)

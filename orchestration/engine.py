@@ -209,16 +209,14 @@ class Engine:
             self.tracking.tracker(parent).set_tags(kept)
             try:
                 for stage in todo:
-                    if self._lock.lost_to is not None:
-                        raise EngineError(f"another run took over this run dir ({describe(self._lock.lost_to)}), "
-                                          f"judging this one gone; stopping before stage {stage.name} so that "
-                                          f"the two do not overwrite each other")
+                    self._check_still_held(f"before stage {stage.name}")
                     result.metrics[stage.name] = self._run_stage(stage, run, parent, cache_dir,
                                                                  fresh=force and stage.name in forced)
                     result.ran.append(stage.name)
             except BaseException as exc:
                 state = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
-                self._track("mark the pipeline run", self.tracking.finish, parent, state)
+                if self._lock.lost_to is None:  # else the parent run is the new run's now
+                    self._track("mark the pipeline run", self.tracking.finish, parent, state)
                 raise
             all_done = all(st.state == "done" for st in self.statuses())
             self._track("finish the pipeline run", self.tracking.finish, parent, "done" if all_done else "partial")
@@ -336,6 +334,7 @@ class Engine:
             raise StageFailed(name, line) from exc
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["stage_seconds"] = time.monotonic() - t0
+        self._check_still_held(f"without marking stage {name} done")
         # The work is done: it is marked so before MLflow hears of it, which a tracking outage cannot undo.
         self.rundir.mark_success(name, fp, reusable, metrics, {
             "mlflow_run_id": run_id, "vfm_version": self.version,
@@ -344,6 +343,13 @@ class Engine:
         self._track(f"finish stage {name}'s run", self.tracking.finish, run_id, "done")
         self.log(f"[{name}] done in {metrics['stage_seconds']:.1f}s")
         return metrics
+
+    def _check_still_held(self, where: str) -> None:
+        """Raise when another run took this run dir over (this one was judged gone): it must
+        neither start nor mark done a stage the other may be running."""
+        if self._lock is not None and self._lock.lost_to is not None:
+            raise EngineError(f"another run took over this run dir ({describe(self._lock.lost_to)}), judging this "
+                              f"one gone; stopping {where} so that the two do not overwrite each other")
 
     def _track(self, what: str, call: Callable[..., Any], *args: Any) -> None:
         """An MLflow call after the work it records (or after a failure, whose error must not be

@@ -152,7 +152,7 @@ class RunDir:
         failed = self._marker(name, FAILED)
         attempt = self._marker(name, ATTEMPT)
         if attempt and not (failed and failed.get("failed", 0) >= attempt.get("started", 0)):
-            if holder is not None and attempt.get("lock") == holder.get("token"):
+            if holder is not None and holder.get("token") and attempt.get("lock") == holder.get("token"):
                 return StageStatus(name, "running", fingerprint, recorded, mlflow_run_id, metrics, describe(holder))
             return StageStatus(name, "failed", fingerprint, recorded, mlflow_run_id, metrics,
                                f"interrupted (process {attempt.get('pid')} on {attempt.get('host')} no longer "

@@ -3,12 +3,13 @@
 A run holds the run dir while the newest lock file at its root, ``_LOCK-NNNNNN.json``, is
 its own. It claims generation n + 1 with Storage.create_bytes (a hard link locally, a
 conditional PUT on S3: of two runs claiming the same generation one wins), only when no
-lock exists or the newest one is stale, and removes its file when it ends. Each run writes
-only its own file: a heartbeat every HEARTBEAT_S seconds from a thread. A lock is stale when
-its process is gone (same host and pid namespace) or its heartbeat is older than STALE_S
-(another host: a machine lost, or a killed process). A run whose lock a newer generation
-has passed was taken over: the engine starts no further stage. A stage attempt whose lock is not
-the live one was interrupted, not running.
+lock exists or the newest one is released or stale, and marks its file released when it
+ends (kept, so that no generation is ever claimed twice). Each run writes only its own file:
+a heartbeat every HEARTBEAT_S seconds from a thread. A lock is stale when its process is
+gone (same host, boot and pid namespace) or its heartbeat is older than STALE_S (another
+host: a machine lost, or a killed process). A run whose lock is no longer the newest was
+taken over: the engine starts and finishes no further stage. A stage attempt whose lock is
+not the live one was interrupted, not running.
 """
 from __future__ import annotations
 
@@ -28,17 +29,20 @@ from data_curation.storage import Storage
 LOCK_RE = re.compile(r"_LOCK-(\d{6,})\.json$")
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats; hosts' clocks must agree to well within this (NTP)
+_HELD: set[str] = set()  # tokens of the locks this process holds
 
 
 def lock_name(generation: int) -> str:
     return f"_LOCK-{generation:06d}.json"
 
 
-def _pid_namespace() -> str:
-    """Processes that share a host name but not a pid namespace (containers on the host's
-    network) cannot see each other's pids."""
+def _machine() -> str:
+    """Where a pid means this process table: the boot (cloned VMs share a host name) and the
+    pid namespace (containers on the host's network share it too)."""
     try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return ""
 
@@ -58,9 +62,12 @@ def why_stale(lock: dict[str, Any], now: float | None = None) -> str | None:
     read whole is never judged stale: deleting it is the user's call."""
     if "token" not in lock:
         return None
-    here = lock.get("host") == socket.gethostname() and lock.get("pid_namespace") == _pid_namespace()
-    if here and not pid_alive(int(lock.get("pid", -1))):
-        return f"process {lock.get('pid')} is gone"
+    if lock.get("released"):
+        return "released"
+    here = lock.get("host") == socket.gethostname() and lock.get("machine") == _machine()
+    pid = int(lock.get("pid", -1))
+    if here and (not pid_alive(pid) or (pid == os.getpid() and lock["token"] not in _HELD)):
+        return f"process {pid} is gone"  # or its pid is this process's now (a restarted container's 1)
     age = (now or time.time()) - float(lock.get("heartbeat", 0))
     if age > STALE_S:
         return f"no heartbeat for {age:.0f} s"
@@ -114,58 +121,71 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _content(self) -> bytes:
+    def _content(self, released: bool = False) -> bytes:
         return json.dumps({"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
-                           "pid_namespace": _pid_namespace(), "started": self._started,
-                           "heartbeat": time.time()}).encode()
+                           "machine": _machine(), "started": self._started, "heartbeat": time.time(),
+                           "released": released}).encode()
 
     def acquire(self) -> dict[str, Any] | None:
         """Take the lock; returns None once held, or the live holder's lock when another process
         holds it (or won the claim of the same generation)."""
         self._started = time.time()
-        generation, held = newest_lock(self.storage, self.run_dir)
-        if held is not None:
-            reason = why_stale(held)
-            if reason is None:
-                return held
-            self.log(f"taking over the run dir from a run that is gone ({describe(held)}: {reason})")
-        uri = self.storage.join(self.run_dir, lock_name(generation + 1))
-        if not self.storage.create_bytes(uri, self._content()):
+        for _ in range(3):
+            generation, held = newest_lock(self.storage, self.run_dir)
+            if held is not None:
+                reason = why_stale(held)
+                if reason is None:
+                    return held
+                if reason != "released":
+                    self._say(f"taking over the run dir from a run that is gone ({describe(held)}: {reason})")
+            uri = self.storage.join(self.run_dir, lock_name(generation + 1))
+            if not self.storage.create_bytes(uri, self._content()):
+                try:
+                    won = {**self.storage.read_json(uri), "uri": uri}
+                except FileNotFoundError:  # claimed and let go since: look again
+                    continue
+                except ValueError:
+                    won = {"uri": uri}
+                if won.get("token") != self.token:  # not a retried PUT of this very claim
+                    return won
+            self.uri = uri
+            _HELD.add(self.token)
             try:
-                won = {**self.storage.read_json(uri), "uri": uri}
-            except (FileNotFoundError, ValueError):
-                won = {"uri": uri}
-            if won.get("token") != self.token:  # not a retried PUT of this very claim
-                return won
-        self.uri = uri
-        for older in range(generation, max(generation - 8, 0), -1):  # stale: only the newest lock counts
-            self._quietly(f"remove {lock_name(older)}", self.storage.rm,
-                          self.storage.join(self.run_dir, lock_name(older)))
-        self._thread = threading.Thread(target=self._beat, name="vfm-run-lock", daemon=True)
-        self._thread.start()
-        return None
+                for older in range(generation, max(generation - 8, 0), -1):  # only the newest lock counts
+                    self._quietly(f"remove {lock_name(older)}", self.storage.rm,
+                                  self.storage.join(self.run_dir, lock_name(older)))
+                self._thread = threading.Thread(target=self._beat, name="vfm-run-lock", daemon=True)
+                self._thread.start()
+            except BaseException:  # interrupted once the claim landed: let it go, not leak it
+                self.release()
+                raise
+            return None
+        return {"uri": self.storage.join(self.run_dir, lock_name(generation + 1))}
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                generation, newest = newest_lock(self.storage, self.run_dir)
-                if newest is not None and newest.get("token") != self.token and newest.get("uri") != self.uri:
-                    self.lost_to = newest
-                    self.log(f"warning: another run took over this run dir ({describe(newest)}); this one "
-                             f"finishes the stage it is in and starts no other")
+                _generation, newest = newest_lock(self.storage, self.run_dir)
+                if newest is not None and "token" not in newest and newest.get("uri") == self.uri:
+                    continue  # this run's own file read while being written (no hard links there)
+                if newest is None or newest.get("token") != self.token:  # taken over, or deleted by hand
+                    self.lost_to = newest or {"uri": self.uri}
+                    self._say(f"warning: another run took over this run dir ({describe(self.lost_to)}); "
+                              f"this one finishes the stage it is in, and neither marks it done nor starts another")
                     return
                 self.storage.write_bytes(self.uri, self._content())
             except Exception as exc:  # a store hiccup: the next beat tries again, well inside STALE_S
-                self.log(f"warning: could not refresh {self.uri}: {_error_line(exc)}")
+                self._say(f"warning: could not refresh {self.uri}: {_error_line(exc)}")
 
     def release(self) -> None:
-        """Stop the heartbeat and remove this run's lock file; a failure is a warning line, so it
-        never hides how the run ended."""
+        """Stop the heartbeat and mark this run's lock file released; a failure is a warning
+        line, so it never hides how the run ended."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.uri is not None and self.lost_to is None:
-            self._quietly(f"remove {self.uri}", self.storage.rm, self.uri)
+            self._quietly(f"release {self.uri}", self.storage.write_bytes, self.uri, self._content(released=True))
+        _HELD.discard(self.token)
 
     def _quietly(self, what: str, call: Callable[..., Any], *args: Any) -> None:
         try:
@@ -173,5 +193,11 @@ class RunLock:
         except FileNotFoundError:
             pass
         except Exception as exc:
-            self.log(f"warning: could not {what}: {_error_line(exc)}")
+            self._say(f"warning: could not {what}: {_error_line(exc)}")
+
+    def _say(self, line: str) -> None:
+        try:  # from the heartbeat thread too, which a closed stderr must not end
+            self.log(line)
+        except Exception:
+            pass
 

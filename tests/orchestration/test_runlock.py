@@ -31,8 +31,8 @@ def test_create_bytes_writes_only_where_nothing_is(tmp_path, remote, request):
 
 
 def _lock_of(pid: int, heartbeat: float, token: str = "old") -> str:
-    return json.dumps({"token": token, "pid": pid, "host": socket.gethostname(),
-                       "pid_namespace": runlock._pid_namespace(), "started": time.time(), "heartbeat": heartbeat})
+    return json.dumps({"token": token, "pid": pid, "host": socket.gethostname(), "machine": runlock._machine(),
+                       "started": time.time(), "heartbeat": heartbeat})
 
 
 def _gone_pid() -> int:
@@ -40,15 +40,18 @@ def _gone_pid() -> int:
                               text=True).stdout)
 
 
-def test_one_holder_at_a_time_and_release_frees_it(tmp_path):
-    first, second = RunLock(Storage(), str(tmp_path)), RunLock(Storage(), str(tmp_path))
+def test_one_holder_at_a_time_and_release_frees_it_without_reusing_its_generation(tmp_path):
+    lines = []
+    first, second = RunLock(Storage(), str(tmp_path)), RunLock(Storage(), str(tmp_path), lines.append)
     assert first.acquire() is None
     held = second.acquire()
     assert held["token"] == first.token and held["pid"] == os.getpid()
     assert live_holder(Storage(), str(tmp_path))["token"] == first.token
     first.release()
-    assert not list(tmp_path.iterdir())
-    assert second.acquire() is None
+    assert live_holder(Storage(), str(tmp_path)) is None
+    assert second.acquire() is None and second.uri.endswith(lock_name(2))  # a released lock is kept: no reuse
+    assert lines == []  # a released lock is free, not taken over
+    assert [p.name for p in tmp_path.iterdir()] == [lock_name(2)]
     second.release()
 
 
@@ -61,7 +64,7 @@ def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):
     assert lock.acquire() is None
     [line] = lines
     assert re.fullmatch(rf"taking over the run dir from a run that is gone \(pid {pid} on "
-                        rf"{re.escape(socket.gethostname())}, since [-0-9: ]+, heartbeat 0 s ago: process {pid} "
+                        rf"{re.escape(socket.gethostname())}, since [-0-9: ]+, heartbeat \d+ s ago: process {pid} "
                         rf"is gone\)", line), line
     assert [p.name for p in tmp_path.iterdir()] == [lock_name(2)]  # the stale one removed
     assert newest_lock(Storage(), str(tmp_path))[1]["token"] == lock.token
@@ -106,7 +109,7 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_a_take_over(tmp_path, monk
     while json.loads(path.read_text())["heartbeat"] == first_beat:
         assert time.monotonic() < deadline, "the heartbeat never refreshed the lock"
         time.sleep(0.02)
-    (tmp_path / lock_name(2)).write_text(_lock_of(1, time.time(), token="newer"))  # a run that judged this one gone
+    Storage().write_text(str(tmp_path / lock_name(2)), _lock_of(1, time.time(), token="newer"))  # judged gone
     while lock.lost_to is None:
         assert time.monotonic() < deadline, "the heartbeat never noticed the take-over"
         time.sleep(0.02)
@@ -120,3 +123,18 @@ def test_a_lock_file_that_cannot_be_read_is_never_judged_stale(tmp_path):
     held = RunLock(Storage(), str(tmp_path)).acquire()
     assert held == {"uri": str(tmp_path / lock_name(3))}
     assert runlock.describe(held) == f"a lock file vfm cannot read, {tmp_path / lock_name(3)}"
+
+
+def test_a_run_whose_lock_was_deleted_by_hand_knows_it_is_no_longer_held(tmp_path, monkeypatch):
+    """The refusal tells a user to delete the lock of a run that is gone; if it was not gone, it
+    must stop instead of writing its lock back over the new run's."""
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    lock = RunLock(Storage(), str(tmp_path))
+    assert lock.acquire() is None
+    (tmp_path / lock_name(1)).unlink()
+    deadline = time.monotonic() + 10
+    while lock.lost_to is None:
+        assert time.monotonic() < deadline, "the heartbeat never noticed"
+        time.sleep(0.02)
+    lock.release()
+    assert not list(tmp_path.iterdir())  # not written back
