@@ -3,9 +3,9 @@
 Exact duplicates share a sha256. Near duplicates are found among the distinct images: a
 faiss k-NN search on unit-norm descriptors, an edge wherever cosine similarity exceeds
 the threshold, connected components over those edges. The descriptors are searched a
-block at a time and only the edges are kept, so the index is the one copy in RAM. Each component (exact copies
-included) is one duplicate group; the first row of a group in input order is kept, so
-the choice is deterministic.
+block at a time and only the edges are kept, so the index is the one copy in RAM. Each
+component (exact copies included) is one duplicate group; the first row of a group in
+input order is kept, so the choice is deterministic.
 """
 from __future__ import annotations
 

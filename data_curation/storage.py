@@ -219,8 +219,9 @@ class Storage:
         (Glacier: InvalidObjectState), or AccessDenied while the store serves other objects of
         the same bucket in this batch. Anything else on a remote store (unreachable, expired or
         wrong credentials, a whole bucket denied, failing after s3fs's retries) is a
-        StorageError naming the URI, which callers treat as the store's trouble, not the file's. Remote files are fetched concurrently (fsspec's batched cat_ranges,
-        which also takes ``[`` and ``*`` in keys literally); local ones in turn.
+        StorageError naming the URI, which callers treat as the store's trouble, not the file's.
+        Remote files are fetched concurrently (fsspec's batched cat_ranges, which also takes
+        ``[`` and ``*`` in keys literally); local ones in turn.
         """
         out: list[bytes | Exception] = [OSError("not read")] * len(uris)
         remote: dict[str, list[int]] = {}
@@ -285,8 +286,8 @@ class Storage:
 
     # -- writing (atomic) ------------------------------------------------------------
     @staticmethod
-    def _replace_local(uri: str, write: Callable[[BinaryIO], None], place: Callable[[str, Path], None] = os.replace,
-                       ) -> None:
+    def _replace_local(uri: str, write: Callable[[BinaryIO], None],
+                       place: Callable[[str, Path], None] = os.replace) -> None:
         """Write through ``write`` into a temp file beside the destination, fsync, then ``place``
         it there (rename over it; ``os.link`` fails instead when the destination exists)."""
         dest = Path(uri.removeprefix("file://"))

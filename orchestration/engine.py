@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_curation.storage import Storage
-from orchestration.ray_runtime import check_resources, remote_cause, start_ray, stop_ray
+from orchestration.ray_runtime import check_resources, error_line, start_ray, stop_ray
 from orchestration.rundir import RunDir, StageStatus
 from orchestration.runlock import STALE_S, RunLock, describe, live_holder
 from orchestration.stage import Stage, StageContext
@@ -65,17 +64,6 @@ def config_value(config: Any, path: str) -> Any:
     if hasattr(value, "fingerprint_view"):
         return value.fingerprint_view()
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _error_line(exc: BaseException) -> str:
-    """``Type: first line``; for an error a Ray task raised, that of the task's own exception (the
-    RayTaskError around it starts with the task's name in terminal colours and a pid)."""
-    cause = remote_cause(exc, BaseException) or exc
-    text = _ANSI.sub("", str(cause)).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 class Engine:
@@ -328,7 +316,7 @@ class Engine:
             self._track(f"mark stage {name}'s run", self.tracking.finish, run_id, "killed")
             raise
         except Exception as exc:
-            line = _error_line(exc)
+            line = error_line(exc)
             self.rundir.mark_failed(name, fp, line)
             self._track(f"mark stage {name}'s run", self.tracking.finish, run_id, "failed")
             raise StageFailed(name, line) from exc
@@ -357,5 +345,5 @@ class Engine:
         try:
             call(*args)
         except Exception as exc:
-            self.log(f"warning: MLflow ({self.tracking.uri}) could not {what}: {_error_line(exc)}")
+            self.log(f"warning: MLflow ({self.tracking.uri}) could not {what}: {error_line(exc)}")
 

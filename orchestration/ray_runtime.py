@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -146,3 +147,14 @@ def remote_cause(exc: BaseException, types: type[BaseException] | tuple[type[Bas
     while isinstance(current, ray.exceptions.RayTaskError):
         current = current.cause
     return current if isinstance(current, types) else None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line``; for an error a Ray task raised, that of the task's own exception (the
+    RayTaskError around it starts with the task's name in terminal colours and a pid)."""
+    cause = remote_cause(exc, BaseException) or exc
+    text = _ANSI.sub("", str(cause)).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__

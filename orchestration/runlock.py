@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data_curation.storage import Storage
+from orchestration.ray_runtime import error_line
 
 LOCK_RE = re.compile(r"_LOCK-(\d{6,})\.json$")
 HEARTBEAT_S = 30.0
@@ -81,10 +82,6 @@ def describe(lock: dict[str, Any]) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(lock.get("started", 0))))
     beat = time.time() - float(lock.get("heartbeat", 0))
     return f"pid {lock.get('pid')} on {lock.get('host')}, since {started}, heartbeat {beat:.0f} s ago"
-
-
-def _error_line(exc: BaseException) -> str:
-    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
 
 
 def newest_lock(storage: Storage, run_dir: str) -> tuple[int, dict[str, Any] | None]:
@@ -175,7 +172,7 @@ class RunLock:
                     return
                 self.storage.write_bytes(self.uri, self._content())
             except Exception as exc:  # a store hiccup: the next beat tries again, well inside STALE_S
-                self._say(f"warning: could not refresh {self.uri}: {_error_line(exc)}")
+                self._say(f"warning: could not refresh {self.uri}: {error_line(exc)}")
 
     def release(self) -> None:
         """Stop the heartbeat and mark this run's lock file released; a failure is a warning
@@ -193,7 +190,7 @@ class RunLock:
         except FileNotFoundError:
             pass
         except Exception as exc:
-            self._say(f"warning: could not {what}: {_error_line(exc)}")
+            self._say(f"warning: could not {what}: {error_line(exc)}")
 
     def _say(self, line: str) -> None:
         try:  # from the heartbeat thread too, which a closed stderr must not end

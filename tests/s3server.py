@@ -162,3 +162,12 @@ class S3Bucket:
 
     def start(self) -> None:
         self.server.start()
+
+
+def storage_at(request, tmp_path: Path, path: str, remote: bool) -> tuple[Storage, str]:
+    """(Storage, URI of ``path``) for a test that runs on both kinds of store: in a fresh bucket
+    of the S3 test server (the ``s3`` fixture) when ``remote``, else under ``tmp_path``."""
+    if remote:
+        s3 = request.getfixturevalue("s3")
+        return s3.storage, s3.uri(path)
+    return Storage(), str(tmp_path / path)

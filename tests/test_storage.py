@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_curation.storage import Storage, StorageError
+from tests.s3server import storage_at
 
 
 def _tar_with(name: str, data: bytes) -> bytes:
@@ -39,6 +40,16 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path):
     assert storage.size(str(tmp_path / "c" / "d.bin")) == 10_000
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_create_bytes_writes_only_where_nothing_is(tmp_path, remote, request):
+    storage, uri = storage_at(request, tmp_path, "run/_LOCK-000001.json", remote)
+    assert storage.create_bytes(uri, b"first")
+    assert not storage.create_bytes(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    if not remote:
+        assert [p.name for p in (tmp_path / "run").iterdir()] == ["_LOCK-000001.json"]  # no temp file left
+
+
 def test_listing_and_removal(tmp_path):
     storage = Storage()
     for name in ("x/1.txt", "x/y/2.txt", "z.txt"):
@@ -57,12 +68,9 @@ _TREE = ["b.txt", "a.png", "a0.png", "a-b.png", "a/z.png", "a/deep/x.png", "sub9
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_walking_files_streams_them_in_the_byte_order_of_their_paths(tmp_path, remote, request):
+    storage, root = storage_at(request, tmp_path, "pool", remote)
     if remote:
-        s3 = request.getfixturevalue("s3")
-        storage, root = s3.storage, s3.uri("pool")
         storage.list_page_size = 2  # several ListObjectsV2 pages, so streaming goes across pages
-    else:
-        storage, root = Storage(), str(tmp_path / "pool")
     for name in _TREE:
         storage.write_text(storage.join(root, name), name)
     walk = storage.walk_files(root)
@@ -112,11 +120,7 @@ def test_put_tree_copies_a_folder_to_the_same_relative_paths(tmp_path, remote, r
     for name in ("a.png", "sub/b.png", "sub/deeper/c.png"):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(name.encode())
-    if remote:
-        s3 = request.getfixturevalue("s3")
-        storage, dst = s3.storage, s3.uri("copy")
-    else:
-        storage, dst = Storage(), str(tmp_path / "copy")
+    storage, dst = storage_at(request, tmp_path, "copy", remote)
     storage.put_tree(src, dst)
     assert sorted(storage.walk_files(dst)) == [storage.join(dst, n) for n in ("a.png", "sub/b.png", "sub/deeper/c.png")]
     assert storage.read_bytes(storage.join(dst, "sub/deeper/c.png")) == b"sub/deeper/c.png"

@@ -16,8 +16,9 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
-from data_curation.storage import Storage, StorageError
+from data_curation.storage import StorageError
 from tests.curation.images import encode, rgb, write_tar
+from tests.s3server import storage_at
 
 PNG = encode(rgb(), "PNG")
 
@@ -108,11 +109,7 @@ def _sources_of_every_kind(tmp_path, storage, root) -> list[str]:
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_a_listing_picks_up_from_its_cursor_after_any_uri_it_gave(tmp_path, remote, request):
-    if remote:
-        s3 = request.getfixturevalue("s3")
-        storage, root = s3.storage, s3.uri("src")
-    else:
-        storage, root = Storage(), str(tmp_path / "src")
+    storage, root = storage_at(request, tmp_path, "src", remote)
     sources = _sources_of_every_kind(tmp_path, storage, root)
     problems, cursor, stops, uris = ListingProblems(), ListingCursor(), [], []
     for uri in iter_sources(sources, storage, problems=problems, cursor=cursor):

@@ -5,6 +5,7 @@ import pytest
 
 from data_curation.storage import Storage
 from orchestration.rundir import RunDir
+from tests.s3server import storage_at
 
 FILES = ["manifest.parquet", "_SUCCESS.json", "_work/listing/chunk-000000.parquet", "_work/listing/_DONE.json",
          "_work/embeddings/chunk-000000.parquet", "_work/embeddings/chunk-000000.embedding.npy",
@@ -27,11 +28,7 @@ def _left(storage: Storage, rundir: RunDir) -> list[str]:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_clearing_a_stage_keeps_exactly_the_named_paths(where, tmp_path, request):
-    if where == "s3":
-        s3 = request.getfixturevalue("s3")
-        storage, root = s3.storage, s3.uri("run")
-    else:
-        storage, root = Storage(), str(tmp_path / "run")
+    storage, root = storage_at(request, tmp_path, "run", where == "s3")
     rundir = _stage(storage, root)
     rundir.clear_stage("curate", ("_work/listing", "_work/embeddings/", "demo_pool", "not/there"))
     assert _left(storage, rundir) == sorted(n for n in FILES if n.startswith(("_work/listing/", "_work/embeddings/",

@@ -9,25 +9,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from data_curation.storage import Storage
 from orchestration import runlock
 from orchestration.runlock import RunLock, live_holder, lock_name, newest_lock
-
-
-@pytest.mark.parametrize("remote", [False, True])
-def test_create_bytes_writes_only_where_nothing_is(tmp_path, remote, request):
-    if remote:
-        s3 = request.getfixturevalue("s3")
-        storage, uri = s3.storage, s3.uri("run/_LOCK-000001.json")
-    else:
-        storage, uri = Storage(), str(tmp_path / "run" / "_LOCK-000001.json")
-    assert storage.create_bytes(uri, b"first")
-    assert not storage.create_bytes(uri, b"second")
-    assert storage.read_bytes(uri) == b"first"
-    if not remote:
-        assert [p.name for p in (tmp_path / "run").iterdir()] == ["_LOCK-000001.json"]  # no temp file left
 
 
 def _lock_of(pid: int, heartbeat: float, token: str = "old") -> str:
