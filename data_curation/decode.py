@@ -5,7 +5,8 @@ never stops a curation run. Reasons (they go to the manifest as ``reject_reason`
 
 - ``empty``: zero bytes
 - ``not_an_image``: Pillow cannot identify the format (text with a .jpg name, ...)
-- ``truncated``: the header parses but the pixel data ends early or is cut
+- ``truncated``: the header parses but the pixel data ends early or is cut (or, for a
+  WebP, the file is shorter than its RIFF header says)
 - ``corrupt``: any other failure while decoding pixels
 - ``too_many_pixels``: width x height above the configured limit (decompression bombs);
   checked from the header, before any pixel is decoded
@@ -15,6 +16,9 @@ never stops a curation run. Reasons (they go to the manifest as ``reject_reason`
 Accepted oddities are normalised instead: EXIF orientation is applied, CMYK and 16-bit
 images are converted, transparency (RGBA, LA, palette with a transparent index) is
 composited on white, and animated images keep their first frame.
+
+Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is raised to the
+configured ``max_pixels`` where that is higher, so that the configured limit decides.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> np.ndarray:
 def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _high_bit_depth_to_rgb(img)
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # a transparent index or colour (tRNS)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -89,6 +93,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """Decode ``data`` to an RGB image or a reject reason; never raises on bad bytes."""
     if len(data) == 0:
         return _reject("empty")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow raises past 2x this: never below our limit
     with warnings.catch_warnings():
         # Pillow warns (and past 2x its own limit raises) on huge images; our limit decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -99,7 +105,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
         except (UnidentifiedImageError, ValueError, TypeError, SyntaxError):
             return _reject("not_an_image")
         except OSError as exc:
-            return _reject("truncated" if "truncat" in str(exc).lower() else "not_an_image")
+            cut = "truncat" in str(exc).lower() or _riff_cut(data)
+            return _reject("truncated" if cut else "not_an_image")
         # Width/height as displayed: EXIF orientations 5-8 swap the sides.
         width, height = img.size
         if _exif_orientation(img) in (5, 6, 7, 8):
@@ -120,6 +127,13 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
         except Exception:  # a decoder plug-in failing in its own way is still just a bad file
             return _reject("corrupt", width, height)
     return Decoded(rgb, int(rgb.shape[1]), int(rgb.shape[0]), None)
+
+
+def _riff_cut(data: bytes) -> bool:
+    """A RIFF file (WebP) shorter than the size its header declares: Pillow decodes a WebP
+    whole while opening it, and says only "could not create decoder object" when it is cut."""
+    return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP" \
+        and int.from_bytes(data[4:8], "little") + 8 > len(data)
 
 
 def _exif_orientation(img: Image.Image) -> int:

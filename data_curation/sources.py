@@ -236,11 +236,16 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
                 names = pf.schema_arrow.names
                 batches = pf.iter_batches(columns=[column], batch_size=65536) if column in names else None
             else:  # URIs as bytes, decoded row by row (a column of "0001" is not the number 1, and
-                # one row that is not UTF-8 is one bad row, not an unreadable list)
-                batches = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed),
-                                         convert_options=pacsv.ConvertOptions(column_types={column: pa.binary()},
-                                                                              check_utf8=False))
-                names = batches.schema.names
+                # one row that is not UTF-8 is one bad row, not an unreadable list); only that column
+                # is converted, so a value in another column that its inferred type cannot hold is
+                # no error, and a blank line is a row, counted as a bad one
+                names = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
+                                       convert_options=pacsv.ConvertOptions(check_utf8=False)).schema.names
+                f.seek(0)
+                batches = None if column not in names else pacsv.open_csv(
+                    f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed, ignore_empty_lines=False),
+                    convert_options=pacsv.ConvertOptions(column_types={column: pa.binary()}, include_columns=[column],
+                                                         check_utf8=False))
             if batches is None or column not in names:
                 raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {names})")
             for batch in batches:
@@ -291,13 +296,29 @@ def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | E
             by_tar[parts[0]][parts[1]].append(i)
     for i, data in zip(plain, storage.read_many([uris[i] for i in plain]), strict=True):
         out[i] = data
+    failed: dict[str, Exception] = {}
     for tar_uri, members in by_tar.items():
-        _read_tar_members(tar_uri, members, storage, out)
+        if (exc := _read_tar_members(tar_uri, members, storage, out)) is not None:
+            failed[tar_uri] = exc
+    # A tar the store refused, like any object: its members are rejects when the refusal is the
+    # tar's own (archived, or denied while its bucket served the batch's other reads), else the
+    # store's trouble, a StorageError
+    served = Storage.buckets_of([uris[i] for i in plain if isinstance(out[i], bytes)]
+                                + [tar_uri for tar_uri in by_tar if tar_uri not in failed])
+    for tar_uri, exc in failed.items():
+        exc = storage.read_failure(tar_uri, exc, served)
+        for indices in by_tar[tar_uri].values():
+            for i in indices:
+                if not isinstance(out[i], bytes):
+                    out[i] = exc
     return out
 
 
 def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Storage,
-                      out: list[bytes | Exception]) -> None:
+                      out: list[bytes | Exception]) -> Exception | None:
+    """Fill ``out`` with the members' bytes; a member the tar lacks is a FileNotFoundError, and
+    the members not read when the tar breaks get its TarError. Returns what else stopped the
+    read (the store's or the object's refusal), for the caller to judge; None otherwise."""
     missing = set(members)
     try:
         with storage.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -310,13 +331,14 @@ def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Stor
                     missing.discard(member.name)
                     if not missing:
                         break
-    except Exception as exc:  # a broken tar rejects the members not yet read
-        if not isinstance(exc, tarfile.TarError):  # a tar's own damage is its members' problem
-            exc = storage.read_failure(tar_uri, exc)
+    except tarfile.TarError as exc:  # a tar's own damage rejects the members not yet read
         for name in missing:
             for i in members[name]:
                 out[i] = exc
-        return
+        return None
+    except Exception as exc:
+        return exc
     for name in missing:
         for i in members[name]:
             out[i] = FileNotFoundError(f"{name} not in {tar_uri}")
+    return None

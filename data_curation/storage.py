@@ -239,21 +239,29 @@ class Storage:
                 blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
             except Exception as exc:  # the whole batch failed; each URI gets the error
                 blobs = [exc] * len(rows)
-            served = {_bucket(uris[i]) for i, blob in zip(rows, blobs, strict=True) if isinstance(blob, bytes)}
+            served = Storage.buckets_of([uris[i] for i, blob in zip(rows, blobs, strict=True) if isinstance(blob, bytes)])
             for i, blob in zip(rows, blobs, strict=True):
-                code = None if isinstance(blob, bytes) else _s3_error_code(blob)
-                own = code == _ARCHIVED or (code == _DENIED and _bucket(uris[i]) in served)
-                out[i] = blob if isinstance(blob, bytes) or own else self.read_failure(uris[i], blob)
+                out[i] = blob if isinstance(blob, bytes) else self.read_failure(uris[i], blob, served)
         return out
 
     @staticmethod
-    def read_failure(uri: str, exc: Exception) -> Exception:
+    def buckets_of(uris: list[str]) -> set[str]:
+        """The buckets of the remote ones among ``uris``."""
+        return {_bucket(uri) for uri in uris if _is_remote(uri)}
+
+    @staticmethod
+    def read_failure(uri: str, exc: Exception, served: set[str] = frozenset()) -> Exception:
         """What reading ``uri`` raised, as :meth:`read_many` reports it: a missing file, a local
-        file's OSError and a StorageError stay as they are; anything else on a remote store is
-        the store's trouble, a StorageError naming ``uri``."""
-        if isinstance(exc, FileNotFoundError | StorageError) or not _is_remote(uri):
+        file's OSError and a StorageError stay as they are, and so does the object's own refusal
+        (an archived object, or AccessDenied where the store served other objects of its bucket,
+        ``served``); anything else on a remote store is the store's trouble, a StorageError
+        naming ``uri``."""
+        if isinstance(exc, FileNotFoundError) or not _is_remote(uri):
             return exc
-        return StorageError.of("read", uri, exc)
+        code = _s3_error_code(exc)
+        if code == _ARCHIVED or (code == _DENIED and _bucket(uri) in served):
+            return exc if isinstance(exc, PermissionError) else PermissionError(f"{uri}: {_describe(exc)}")
+        return exc if isinstance(exc, StorageError) else StorageError.of("read", uri, exc)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")

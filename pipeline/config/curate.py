@@ -10,7 +10,8 @@ from pipeline.config.base import EXECUTION, Section
 
 class DecodeConfig(Section):
     max_pixels: int = Field(50_000_000, gt=0, description="Reject images with more pixels than this "
-                            "(decompression bombs); checked from the header before decoding.")
+                            "(decompression bombs); checked from the header before decoding. Pillow's own "
+                            "limit is raised to this where it is lower.")
     min_side: int = Field(8, ge=1, description="Reject images whose shorter side is below this.")
     max_aspect: float = Field(10.0, ge=1.0, description="Reject images whose long/short side ratio is above this.")
 

@@ -50,3 +50,35 @@ def test_transparency_is_composited_on_white():
 
     clear = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     assert decode_image(encode(clear, "PNG"), LIMITS).image.min() == 255
+
+
+def test_a_cut_webp_is_truncated():
+    from tests.curation.images import encode, rgb
+
+    webp = encode(rgb(40, 48), "WEBP")
+    for cut in (len(webp) // 4, len(webp) // 2, len(webp) - 3):
+        assert decode_image(webp[:cut], LIMITS).reason == "truncated"
+    assert decode_image(webp, LIMITS).reason is None
+
+
+@pytest.mark.parametrize("mode, clear", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_is_composited_on_white(mode, clear):
+    from PIL import Image
+
+    from tests.curation.images import encode
+
+    data = encode(Image.new(mode, (16, 16), clear), "PNG", transparency=clear)  # a tRNS chunk, no alpha channel
+    assert decode_image(data, LIMITS).image.min() == 255
+
+
+def test_the_configured_pixel_limit_decides_above_pillows_own(monkeypatch):
+    from PIL import Image
+
+    from tests.curation.images import encode
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 2  # past the size where Pillow itself raises
+    data = encode(Image.new("1", (side, side)), "PNG")
+    decoded = decode_image(data, DecodeLimits(max_pixels=side * side - 1))
+    # rejected by the configured limit, from the header, with the size (Pillow's error has none)
+    assert (decoded.reason, decoded.width, decoded.height) == ("too_many_pixels", side, side)

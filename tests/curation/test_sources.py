@@ -16,7 +16,7 @@ from data_curation.sources import (
     read_many,
     split_tar_member_uri,
 )
-from data_curation.storage import StorageError
+from data_curation.storage import Storage, StorageError
 from tests.curation.images import encode, rgb, write_tar
 from tests.s3server import storage_at
 
@@ -139,6 +139,19 @@ def test_blank_and_malformed_rows_of_a_uri_list_are_skipped_and_counted(tmp_path
     assert problems.bad_rows == 2  # the row with a third field, the row with no URI
 
 
+def test_a_csv_list_reads_only_its_uri_column(tmp_path):
+    # pyarrow infers a column's type from the first block (1 MiB): a later "cat" in a column of
+    # numbers failed the whole list, on every attempt, though the column is never used
+    rows = 80_000
+    text = "label,uri\n" + "".join(f"{i},x{i}.png\n" for i in range(rows)) + "cat,last.png\n\n"
+    (tmp_path / "list.csv").write_text(text)
+    assert len(text) > 1 << 20
+    problems = ListingProblems()
+    uris = list(iter_source(str(tmp_path / "list.csv"), problems=problems))
+    assert len(uris) == rows + 1 and uris[-1] == str(tmp_path / "last.png")
+    assert problems.bad_rows == 1  # the blank line at the end is a blank row
+
+
 def test_rows_of_a_csv_list_that_are_not_utf8_or_swallow_line_breaks_are_bad_rows(tmp_path):
     (tmp_path / "list.csv").write_bytes(b'uri\nx.png\nb\xe9.png\ny.png\n"open.png\nz.png\n')
     problems = ListingProblems()
@@ -202,3 +215,25 @@ def test_s3_reads_tell_a_missing_object_from_an_unreachable_store(s3):
 
 def _crop(image):
     return image[:4, :4]
+
+
+def test_members_of_an_archived_tar_are_its_own_rejects_and_wrong_credentials_the_stores(moto_bucket, s3, tmp_path):
+    """A tar shard the store refuses like any object it refuses: archived (Glacier), its members
+    are rejects on every attempt alike, not a stage that fails each time until it is restored."""
+    client, bucket, storage = moto_bucket
+    write_tar(tmp_path / "shard.tar", {"a.png": PNG, "b.png": PNG})
+    for key in ("warm.tar", "cold.tar"):
+        client.put_object(Bucket=bucket, Key=key, Body=(tmp_path / "shard.tar").read_bytes(),
+                          **({"StorageClass": "GLACIER"} if key == "cold.tar" else {}))
+    members = [f"tar://{name}::s3://{bucket}/{tar}" for tar in ("warm.tar", "cold.tar") for name in ("a.png", "b.png")]
+    out = read_many(members, storage)
+    assert out[:2] == [PNG, PNG]
+    assert all(type(r) is PermissionError for r in out[2:]), out[2:]
+    assert all(type(r) is PermissionError for r in read_many(members[2:], storage))  # alone in its batch too
+    rows = decode_rows(members, storage, DecodeLimits(), _crop, (4, 4, 3))
+    assert list(rows["reject_reason"]) == ["", "", "unreadable", "unreadable"]
+    # moto takes any signature; SeaweedFS refuses a wrong secret: the store's trouble, not the tar's
+    s3.storage.put_file(tmp_path / "shard.tar", s3.uri("warm.tar"))
+    wrong = Storage({**s3.storage_options(), "secret": "wrong"})
+    got = read_many([f"tar://a.png::{s3.uri('warm.tar')}", f"tar://b.png::{s3.uri('warm.tar')}"], wrong)
+    assert all(isinstance(r, StorageError) for r in got), got
