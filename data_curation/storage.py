@@ -251,11 +251,11 @@ class Storage:
 
     @staticmethod
     def read_failure(uri: str, exc: Exception, served: set[str] = frozenset()) -> Exception:
-        """What reading ``uri`` raised, as :meth:`read_many` reports it: a missing file, a local
-        file's OSError and a StorageError stay as they are, and so does the object's own refusal
-        (an archived object, or AccessDenied where the store served other objects of its bucket,
-        ``served``); anything else on a remote store is the store's trouble, a StorageError
-        naming ``uri``."""
+        """What reading ``uri`` raised, as :meth:`read_many` reports it: a missing file and a local
+        file's OSError stay as they are; the object's own refusal (an archived object, or
+        AccessDenied where the store served other objects of its bucket, ``served``) is a
+        PermissionError, even when it came wrapped in a StorageError; anything else on a remote
+        store is the store's trouble, a StorageError naming ``uri``."""
         if isinstance(exc, FileNotFoundError) or not _is_remote(uri):
             return exc
         code = _s3_error_code(exc)
