@@ -102,7 +102,11 @@ def materialize(model: nn.Module, device: torch.device | str = "cpu") -> nn.Modu
 @torch.no_grad()
 def init_partitioned(model: nn.Module) -> nn.Module:
     """The same init for a model built under deepspeed.zero.Init: gather one module's own partitioned
-    parameters at a time (never the whole model), initialise on rank 0, and let DeepSpeed re-partition."""
+    parameters at a time (never the whole model), initialise on rank 0, and let DeepSpeed re-partition.
+
+    Give zero.Init the parameter dtype through its DeepSpeed config (``bf16``/``fp16`` enabled or
+    neither, float32), not its ``dtype=`` argument: DeepSpeed 0.19.8 ignores that argument on an
+    accelerator without fp16 support (a CPU without AVX512-FP16 or AMX-FP16) and builds bfloat16."""
     import deepspeed
 
     for module in _modules_with_parameters(model):

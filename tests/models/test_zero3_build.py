@@ -22,9 +22,13 @@ deepspeed.init_distributed(dist_backend="gloo")
 from models import DinoVisionTransformer, backbone_spec, build_backbone
 from models.registry import init_partitioned
 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):
+# The dtype comes from the config (neither fp16 nor bf16: float32). Not from dtype=: DeepSpeed 0.19.8's
+# zero.Init ignores it where the accelerator has no fp16 (a CPU without AVX512-FP16 or AMX-FP16) and
+# builds bfloat16 parameters
+with deepspeed.zero.Init(config_dict_or_path=config):
     model = DinoVisionTransformer(backbone_spec("vit_test"))
 assert all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters()), "not partitioned at construction"
+assert all(p.dtype == torch.float32 for p in model.parameters()), {p.dtype for p in model.parameters()}
 init_partitioned(model)
 with deepspeed.zero.GatheredParameters(list(model.parameters())):
     assert all(torch.isfinite(p).all() for p in model.parameters())
