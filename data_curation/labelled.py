@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image
 
 from data_curation.builtin import load_builtin
+from data_curation.sources import IMAGE_EXTENSIONS
 from data_curation.storage import Storage, StorageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _TEST_SPLIT_NAMES = ("test", "val")
 
 
@@ -135,11 +135,9 @@ def _class_files(root: str, storage: Storage, skipped: Counter[str]) -> dict[str
     """Image URIs below ``root`` grouped by their first folder (the class)."""
     prefix = root.rstrip("/") + "/"
     by_class: dict[str, list[str]] = {}
-    for uri in storage.walk_files(root):
+    for uri in storage.walk_files(root, skipped=lambda line: skipped.update([line])):
         rel = uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri)
         parts = rel.split("/")
-        if any(p.startswith(".") for p in parts):
-            continue
         if not rel.lower().endswith(IMAGE_EXTENSIONS):
             skipped["not an image file"] += 1
         elif len(parts) < 2:

@@ -5,18 +5,24 @@ A source is one URI string:
 - a folder or an s3:// prefix: every file below it, recursively. Files with an image
   extension are taken as they are (a non-image among them is rejected later by decoding,
   with a reason); files without one are sniffed (first bytes) when ``sniff`` is on.
-  ``.tar`` files found there are WebDataset shards and are expanded into their members.
+  ``.tar`` files found there (``.tar.gz``, ``.tgz`` too) are WebDataset shards and are
+  expanded into their members. Hidden files and folders are left out; on a local disk,
+  symlinks are followed (see :meth:`Storage.walk_files`).
 - a ``.parquet`` or ``.csv`` file: a list of URIs in column ``uri_column``; relative
   entries are taken relative to the list's folder.
-- a ``.tar`` file: a WebDataset shard; its image members are the items.
+- a ``.tar`` file (``.tar.gz``, ``.tgz``): a WebDataset shard; its image members are the
+  items. A member name that comes again in the same tar is listed once, for its first
+  member (a reader of the name gets that one).
 
 Listing is a generator: nothing holds the whole pool's names at once. A tar member's URI
 is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads members of the
 same tar from one open handle.
 
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
-fatal: blank or malformed rows of a URI list (not UTF-8, or swallowing line breaks), and tars that cannot be read to their end (truncated,
-a garbled header, not a tar at all), whose members before the break are still listed.
+fatal: blank or malformed rows of a URI list (not UTF-8, or swallowing line breaks), tars
+that cannot be read to their end (truncated, a garbled header, not a tar at all), whose
+members before the break are still listed, tars that repeat member names, and what a folder
+walk leaves out (a subfolder without read permission, a symlink loop, a FIFO).
 
 A :class:`ListingCursor` follows a listing as it goes, so that a listing stopped part way
 (millions of keys under one prefix take hours) picks up where it was instead of starting over.
@@ -31,11 +37,16 @@ from dataclasses import dataclass, field
 
 from data_curation.storage import Storage
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".pbm", ".avif", ".jp2", ".j2k")
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # WebDataset shards, plain or gzipped
 
 # Leading bytes of the formats Pillow reads that we accept without an extension.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6",
+          b"\x00\x00\x00\x0cjP  \r\n\x87\n",  # JPEG 2000 (JP2 box)
+          b"\xffO\xffQ")  # JPEG 2000 codestream (J2K)
+_AVIF_BRANDS = (b"ftypavif", b"ftypavis")  # ISO-BMFF brand, after the 4-byte box size
 _SNIFF_BYTES = 16
 
 
@@ -45,18 +56,27 @@ class SourceError(ValueError):
 
 @dataclass
 class ListingProblems:
-    """What listing skipped: blank or malformed rows of URI lists (counted) and broken tars
-    (one line each)."""
+    """What listing skipped: blank or malformed rows of URI lists (counted), broken tars or
+    tars with repeated member names, and entries a folder walk left out (one line each)."""
 
     bad_rows: int = 0
     broken_tars: list[str] = field(default_factory=list)
+    skipped_paths: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         rows = [f"{self.bad_rows} blank or malformed rows in URI lists"] if self.bad_rows else []
-        return rows + self.broken_tars
+        return rows + self.broken_tars + self.skipped_paths
 
     def copy(self) -> ListingProblems:
-        return ListingProblems(self.bad_rows, list(self.broken_tars))
+        return ListingProblems(self.bad_rows, list(self.broken_tars), list(self.skipped_paths))
+
+    def to_json(self) -> dict:
+        return {"bad_rows": self.bad_rows, "broken_tars": self.broken_tars, "skipped_paths": self.skipped_paths}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> ListingProblems:
+        """From :meth:`to_json`, or from a run that kept no ``skipped_paths``."""
+        return cls(int(obj.get("bad_rows", 0)), list(obj.get("broken_tars", [])), list(obj.get("skipped_paths", [])))
 
 
 @dataclass
@@ -79,13 +99,11 @@ class ListingCursor:
         self.source, self.after, self.skip, self.problems = source, after, 0, problems.copy()
 
     def to_json(self) -> dict:
-        return {"source": self.source, "after": self.after, "skip": self.skip,
-                "bad_rows": self.problems.bad_rows, "broken_tars": self.problems.broken_tars}
+        return {"source": self.source, "after": self.after, "skip": self.skip, **self.problems.to_json()}
 
     @classmethod
     def from_json(cls, obj: dict) -> ListingCursor:
-        return cls(int(obj["source"]), obj["after"], int(obj["skip"]),
-                   ListingProblems(int(obj["bad_rows"]), list(obj["broken_tars"])))
+        return cls(int(obj["source"]), obj["after"], int(obj["skip"]), ListingProblems.from_json(obj))
 
 
 class _EndCheckingTarInfo(tarfile.TarInfo):
@@ -108,7 +126,7 @@ def has_image_extension(name: str) -> bool:
 
 def looks_like_image(head: bytes) -> bool:
     """True when ``head`` (a file's first bytes) starts like an image Pillow reads."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    if (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[4:12] in _AVIF_BRANDS:
         return True
     return head.startswith(_MAGIC)
 
@@ -168,7 +186,7 @@ def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems
         if not storage.exists(source):
             raise SourceError(f"source list {source} does not exist")
         yield from ((uri, None) for uri in _iter_uri_list(source, storage, uri_column, problems))
-    elif lower.endswith(".tar"):
+    elif lower.endswith(TAR_EXTENSIONS):
         if not storage.exists(source):
             raise SourceError(f"source tar {source} does not exist")
         yield from ((uri, None) for uri in _iter_tar(source, storage, problems))
@@ -176,17 +194,16 @@ def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems
         if not storage.isdir(source):
             if not storage.exists(source):
                 raise SourceError(f"source {source} does not exist")
-            raise SourceError(f"source {source} is neither a folder, a .tar, nor a .parquet/.csv list of URIs")
+            raise SourceError(f"source {source} is neither a folder, a .tar (.tar.gz, .tgz), "
+                              f"nor a .parquet/.csv list of URIs")
         yield from _folder_items(source, storage, sniff, problems, after)
 
 
 def _folder_items(root: str, storage: Storage, sniff: bool, problems: ListingProblems,
                   after: str | None) -> Iterator[_Item]:
-    for uri in storage.walk_files(root, after=after):
+    for uri in storage.walk_files(root, after=after, skipped=problems.skipped_paths.append):
         name = posixpath.basename(uri)
-        if name.startswith("."):
-            yield None, uri
-        elif name.lower().endswith(".tar"):
+        if name.lower().endswith(TAR_EXTENSIONS):
             yield from ((member, None) for member in _iter_tar(uri, storage, problems))
             yield None, uri
         elif has_image_extension(name) or (sniff and _sniff(uri, storage)):
@@ -204,19 +221,26 @@ def _sniff(uri: str, storage: Storage) -> bool:
 
 
 def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iterator[str]:
-    listed = 0
+    listed: set[str] = set()  # a tar's member names: thousands, not millions
+    repeated = 0
     try:
         with storage.open(tar_uri, "rb") as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
             for member in tar:
                 if member.isfile() and has_image_extension(member.name):
-                    listed += 1
+                    if member.name in listed:
+                        repeated += 1
+                        continue
+                    listed.add(member.name)
                     yield tar_member_uri(tar_uri, member.name)
             if not getattr(tar, "vfm_reached_end", False):
                 problems.broken_tars.append(f"tar {tar_uri} ends early (truncated or a garbled header): "
-                                            f"{listed} images listed before the break")
-    except (tarfile.TarError, EOFError) as exc:  # a bad archive; an I/O error (OSError) stops the listing
-        problems.broken_tars.append(f"tar {tar_uri} cannot be read past {listed} images: {exc}")
+                                            f"{len(listed)} images listed before the break")
+    except (tarfile.TarError, EOFError) as exc:  # a bad archive (gzip's errors too); an I/O error stops the listing
+        problems.broken_tars.append(f"tar {tar_uri} cannot be read past {len(listed)} images: {exc}")
+    if repeated:
+        problems.broken_tars.append(f"tar {tar_uri} repeats {repeated} image member names: "
+                                    f"only the first member of each name is listed")
 
 
 def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: ListingProblems) -> Iterator[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 def _bucket(uri: str) -> str:
@@ -151,11 +152,20 @@ class Storage:
         names = self._guard(uri, "list", fs.ls, path, detail=False)
         return sorted(self._unstrip(uri, path, n) for n in names if n.rstrip("/") != path.rstrip("/"))
 
-    def walk_files(self, uri: str, after: str | None = None) -> Iterator[str]:
+    def walk_files(self, uri: str, after: str | None = None,
+                   skipped: Callable[[str], None] | None = None) -> Iterator[str]:
         """Every file below the folder ``uri``, recursively, as URIs; nothing if ``uri`` does
         not exist. The order is fixed for a given store: on S3 the server's listing order (the
         byte order of the keys on AWS S3; SeaweedFS goes folder by folder), elsewhere the
         byte order of the paths, as AWS S3 lists them.
+
+        Hidden entries (a name below ``uri`` that starts with ".": ``.DS_Store``, ``.git/``,
+        ``.ipynb_checkpoints/``) are left out, with everything below them. On a local disk,
+        symlinks are followed, into folders too (as torchvision's ImageFolder does), and their
+        files keep the path through the link; left out, each with a line to ``skipped``: a
+        folder below ``uri`` that cannot be listed (no permission), a symlink to a folder it
+        is in (a loop), and what is neither a file nor a folder (a FIFO, a socket, a device).
+        A broken symlink is listed like a file, for its reader to fail on.
 
         ``after``, a file URI this walk gave before, starts the walk after it without listing
         what comes before (S3's StartAfter; folders that sort before it are not opened).
@@ -170,40 +180,25 @@ class Storage:
         if uri.startswith(("s3://", "s3a://")):
             yield from self._walk_s3(uri, fs, path, after_path)
         else:
-            yield from self._walk_folder(uri, fs, path, after_path)
+            walk = _FolderWalk(self, uri, fs, after_path, skipped or (lambda line: None))
+            yield from walk.files(path, above=())
 
     def _walk_s3(self, uri: str, fs, path: str, after_path: str | None) -> Iterator[str]:
         bucket, key, _ = fs.split_path(path)
-        request = {"Bucket": bucket, "Prefix": f"{key.rstrip('/')}/" if key else "",
-                   "MaxKeys": self.list_page_size, **getattr(fs, "req_kw", {})}
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.list_page_size, **getattr(fs, "req_kw", {})}
         if after_path:
             request["StartAfter"] = fs.split_path(after_path)[1]
         while True:
             page = self._guard(uri, "list", fs.call_s3, "list_objects_v2", **request)
             for item in page.get("Contents", []):
-                if not item["Key"].endswith("/"):  # a zero-byte "folder" marker is not a file
+                relative = item["Key"][len(prefix):]
+                # a zero-byte "folder" marker is not a file
+                if not relative.endswith("/") and not any(part.startswith(".") for part in relative.split("/")):
                     yield self._unstrip(uri, path, f"{bucket}/{item['Key']}")
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
-
-    def _walk_folder(self, uri: str, fs, path: str, after_path: str | None = None) -> Iterator[str]:
-        try:
-            entries = self._guard(uri, "list", fs.ls, path, detail=True)
-        except FileNotFoundError:  # never was, or removed since its parent was listed
-            return
-        fs.invalidate_cache(path)  # keep no listing once it has been walked
-        # A folder sorts as "name/", so a depth-first walk visits paths in byte order, and
-        # the paths of a walk can be compared with ``after_path`` as strings.
-        keyed = sorted((posixpath.basename(e["name"].rstrip("/")) + ("/" if e["type"] == "directory" else ""), e["name"])
-                       for e in entries if e["name"].rstrip("/") != path.rstrip("/"))
-        for sort_key, name in keyed:
-            if sort_key.endswith("/"):
-                folder = name.rstrip("/") + "/"
-                if after_path is None or after_path.startswith(folder) or folder > after_path:
-                    yield from self._walk_folder(uri, fs, name, after_path)
-            elif after_path is None or name > after_path:
-                yield self._unstrip(uri, path, name)
 
     def read_bytes(self, uri: str) -> bytes:
         if not _is_remote(uri):  # fsspec costs ~50 us a call: most of the time of small local files
@@ -386,3 +381,68 @@ class Storage:
             return name
         protocol = uri.split("://", 1)[0]
         return f"{protocol}://{name.lstrip('/')}"
+
+
+class _FolderWalk:
+    """One :meth:`Storage.walk_files` of a folder on a filesystem other than S3 (see there)."""
+
+    def __init__(self, storage: Storage, uri: str, fs, after_path: str | None, skipped: Callable[[str], None]):
+        self.storage, self.uri, self.fs, self.after_path, self.skipped = storage, uri, fs, after_path, skipped
+        self.local = isinstance(fs, LocalFileSystem)
+
+    def files(self, path: str, above: tuple[str, ...]) -> Iterator[str]:
+        """The files below ``path``; ``above``: the real paths of the folders walked into to get
+        here (a symlink to one of them is a loop)."""
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:  # never was, or removed since its parent was listed
+            return
+        except PermissionError as exc:
+            if not above:  # the source itself: nothing can be listed
+                raise StorageError.of("list", self.uri, exc) from exc
+            self.skipped(f"folder {self._name(path)} cannot be listed ({_describe(exc)}): not walked")
+            return
+        except StorageError:
+            raise
+        except Exception as exc:  # botocore errors are not OSErrors
+            raise StorageError.of("list", self.uri, exc) from exc
+        self.fs.invalidate_cache(path)  # keep no listing once it has been walked
+        here = above + (os.path.realpath(path),) if self.local else above + (path,)
+        # A folder sorts as "name/", so a depth-first walk visits paths in byte order, and
+        # the paths of a walk can be compared with ``after_path`` as strings.
+        keyed = []  # (sort key, path, kind, the line reporting an entry left out)
+        for entry in entries:
+            name = entry["name"].rstrip("/")
+            base = posixpath.basename(name)
+            if name != path.rstrip("/") and not base.startswith("."):
+                kind, line = self._kind(entry, name, here)
+                keyed.append((base + ("/" if kind == "folder" else ""), name, kind, line))
+        after = self.after_path
+        for _, name, kind, line in sorted(keyed):
+            if kind == "folder":
+                folder = name + "/"
+                if after is None or after.startswith(folder) or folder > after:
+                    yield from self.files(name, here)
+            elif after is None or name > after:  # an entry left out is reported once, in walk order
+                if line is None:
+                    yield self.storage._unstrip(self.uri, path, name)
+                else:
+                    self.skipped(line)
+
+    def _kind(self, entry: dict, name: str, here: tuple[str, ...]) -> tuple[str, str | None]:
+        """("folder" or "file", None), or ("left out", the line that reports it)."""
+        if entry["type"] == "directory":
+            return "folder", None
+        if entry["type"] == "file" or not self.local:
+            return "file", None
+        if entry.get("islink"):
+            if not os.path.isdir(name):
+                return "file", None  # a link to a file, or a broken link: its reader fails on it
+            if os.path.realpath(name) not in here:
+                return "folder", None
+            return "left out", (f"folder {self._name(name)} links to {os.path.realpath(name)}, a folder it is in "
+                                f"(a symlink loop): not walked")
+        return "left out", f"{self._name(name)} is neither a file nor a folder (a FIFO, a socket or a device): not listed"
+
+    def _name(self, path: str) -> str:
+        return self.storage._unstrip(self.uri, path, path)

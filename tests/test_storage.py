@@ -104,6 +104,79 @@ def test_a_walk_picked_up_later_does_not_open_the_folders_before_it(tmp_path, mo
     assert opened == ["", "/sub10", "/sub9"]  # not a/ nor a/deep/
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_walking_leaves_out_hidden_files_and_everything_in_hidden_folders(tmp_path, remote, request):
+    storage, root = storage_at(request, tmp_path, ".cache/pool", remote)  # a hidden root is walked
+    for name in ("a.png", ".DS_Store", ".git/objects/x.png", "sub/.ipynb_checkpoints/b-checkpoint.png",
+                 "sub/b.png", "sub/.hidden.png"):
+        storage.write_text(storage.join(root, name), name)
+    assert sorted(storage.walk_files(root)) == [storage.join(root, "a.png"), storage.join(root, "sub/b.png")]
+
+
+def test_a_local_walk_follows_symlinks_and_reports_loops_and_special_files(tmp_path):
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "pool"
+    (elsewhere / "deep").mkdir(parents=True)
+    (elsewhere / "deep" / "c.png").write_text("c")
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_text("a")
+    (root / "linked").symlink_to(elsewhere)  # a folder assembled from links, as datasets often are
+    (root / "a-link.png").symlink_to(root / "a.png")
+    (root / "broken.png").symlink_to(tmp_path / "never-was.png")  # listed: its reader fails on it
+    (root / "sub" / "back").symlink_to(root)  # a loop
+    os.mkfifo(root / "sub" / "fifo.png")
+    skipped: list[str] = []
+    walked = list(Storage().walk_files(str(root), skipped=skipped.append))
+    assert walked == [str(root / n) for n in ("a-link.png", "a.png", "broken.png", "linked/deep/c.png")]
+    assert skipped == [f"folder {root}/sub/back links to {root}, a folder it is in (a symlink loop): not walked",
+                       f"{root}/sub/fifo.png is neither a file nor a folder (a FIFO, a socket or a device): not listed"]
+    assert list(Storage().walk_files(str(root), after=str(root / "broken.png"))) == [str(root / "linked/deep/c.png")]
+
+
+_WALK_WITHOUT_PERMISSION_OVERRIDE = """
+import ctypes, json, sys
+# Root reads any folder through two capabilities, CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2):
+# drop them from this process, so that the kernel applies a folder's mode bits as it does for any
+# user (a no-op for a user who never had them)
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; twice (capabilities 0-31, 32-63)
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.capget(header, data) != 0:
+    sys.exit(f"capget failed: errno {ctypes.get_errno()}")
+data[0] &= ~0b110
+if libc.capset(header, data) != 0:
+    sys.exit(f"capset failed: errno {ctypes.get_errno()}")
+from data_curation.storage import Storage, StorageError
+skipped = []
+try:
+    walked = list(Storage().walk_files(sys.argv[1], skipped=skipped.append))
+except StorageError as exc:
+    walked = str(exc)
+print(json.dumps({"walked": walked, "skipped": skipped}))
+"""
+
+
+def test_a_subfolder_that_cannot_be_listed_is_reported_and_an_unreadable_root_is_an_error(tmp_path):
+    root = tmp_path / "pool"
+    (root / "locked").mkdir(parents=True)
+    (root / "a.png").write_text("a")
+    (root / "locked" / "b.png").write_text("b")
+    (root / "locked").chmod(0o000)
+
+    def walk(uri: Path) -> dict:  # in a process the folder's mode bits hold for, root or not
+        out = subprocess.run([sys.executable, "-c", _WALK_WITHOUT_PERMISSION_OVERRIDE, str(uri)],
+                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    try:
+        assert walk(root) == {"walked": [str(root / "a.png")], "skipped": [
+            f"folder {root}/locked cannot be listed (PermissionError: [Errno 13] Permission denied: "
+            f"'{root}/locked'): not walked"]}
+        assert walk(root / "locked")["walked"].startswith(f"cannot list {root}/locked: PermissionError")
+    finally:
+        (root / "locked").chmod(0o755)  # for pytest to clean up
+
+
 def test_walking_s3_skips_folder_markers_and_names_the_prefix_on_errors(s3):
     storage = s3.storage
     storage.write_text(s3.uri("pool/a.png"), "a")

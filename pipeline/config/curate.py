@@ -104,7 +104,7 @@ class RetrievalConfig(Section):
 
 class CurateConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["demo:"], description="Image sources: folders, "
-                               "s3:// prefixes, .parquet/.csv lists of URIs, WebDataset .tar files; 'demo:' "
+                               "s3:// prefixes, .parquet/.csv lists of URIs, WebDataset .tar (.tar.gz, .tgz) files; 'demo:' "
                                "generates the demo pool (MNIST/LFW/photos, Zipf-skewed, with duplicates).")
     demo_dir: str | None = Field(None, description="Where 'demo:' writes its pool (local); default: "
                                  "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool-seedN (N = run.seed) "

@@ -92,8 +92,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     done_uri = Storage.join(root, _LISTING_DONE)
     done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
     if done.get("rows"):
-        return ({int(k): int(v) for k, v in done["rows"].items()},
-                ListingProblems(done.get("bad_rows", 0), done.get("broken_tars", [])))
+        return {int(k): int(v) for k, v in done["rows"].items()}, ListingProblems.from_json(done)
     rows, cursor = _listed_so_far(root, storage, sources, chunk_size)
     if rows:
         log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
@@ -128,8 +127,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     if batch:
         flush()
     if rows:  # an empty listing is not kept: the next attempt lists the sources again, once they are fixed
-        storage.write_json(done_uri, {"rows": rows, "bad_rows": problems.bad_rows,
-                                      "broken_tars": problems.broken_tars})
+        storage.write_json(done_uri, {"rows": rows, **problems.to_json()})
     return rows, problems
 
 
@@ -311,7 +309,8 @@ class CurateStage(Stage):
         }
         metrics.update({f"rejected_{reason}": float(count) for reason, count in rejected.items()})
         metrics.update({"listing_bad_rows": float(problems.bad_rows),
-                        "listing_broken_tars": float(len(problems.broken_tars))})
+                        "listing_broken_tars": float(len(problems.broken_tars)),
+                        "listing_skipped_paths": float(len(problems.skipped_paths))})
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]

@@ -59,4 +59,6 @@ def odd_files() -> dict[str, tuple[str, bytes]]:
         "exif_rotated": ("jpg", encode(rgb(40, 64), "JPEG", exif=exif)),
         "animated_gif": ("gif", gif.getvalue()),
         "rgba": ("png", encode(rgb().convert("RGBA"), "PNG")),
+        "avif": ("avif", encode(rgb(), "AVIF")),
+        "jpeg2000": ("jp2", encode(rgb(), "JPEG2000")),
     }

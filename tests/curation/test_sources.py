@@ -1,5 +1,8 @@
 """Image sources (folders, URI lists, WebDataset tars, S3 prefixes) and reading their items back."""
 
+import io
+import tarfile
+
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -55,6 +58,34 @@ def test_webdataset_tar_members_are_items_and_read_back(tmp_path):
     assert [split_tar_member_uri(u)[1] for u in uris] == ["k1.png", "k2.jpg"]
     assert read_many(uris) == [PNG, b"xyz"]
     assert list(iter_source(str(tmp_path))) == uris  # a folder of shards expands them too
+
+
+def test_gzipped_tars_are_shards_too_and_a_repeated_member_name_is_listed_once(tmp_path):
+    shard = tmp_path / "shard.tgz"
+    with tarfile.open(shard, "w:gz") as tar:  # k2.jpg twice, as a careless re-pack leaves it
+        for name, data in (("k1.png", PNG), ("k2.jpg", b"first"), ("k3.txt", b""), ("k4.png", b"four"),
+                           ("k2.jpg", b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    problems = ListingProblems()
+    uris = list(iter_source(str(shard), problems=problems))
+    assert [split_tar_member_uri(u)[1] for u in uris] == ["k1.png", "k2.jpg", "k4.png"]
+    assert read_many(uris) == [PNG, b"first", b"four"]  # a reader of the name gets the listed member
+    assert problems.lines() == [f"tar {shard} repeats 1 image member names: only the first member of each name is listed"]
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "s.tar.gz").write_bytes(shard.read_bytes())
+    assert [split_tar_member_uri(u) for u in iter_source(str(tmp_path / "pool"))] == [
+        (str(tmp_path / "pool" / "s.tar.gz"), name) for name in ("k1.png", "k2.jpg", "k4.png")]
+
+
+def test_avif_and_jpeg2000_are_listed_by_extension_and_by_sniffing(tmp_path):
+    for fmt, ext in (("AVIF", "avif"), ("JPEG2000", "jp2")):
+        (tmp_path / f"named.{ext}").write_bytes(encode(rgb(), fmt))
+        (tmp_path / f"nameless-{ext}").write_bytes(encode(rgb(), fmt))
+    (tmp_path / "codestream").write_bytes(encode(rgb(), "JPEG2000", no_jp2=True))  # a bare J2K stream
+    listed = sorted(u.rsplit("/", 1)[1] for u in iter_source(str(tmp_path)))
+    assert listed == ["codestream", "named.avif", "named.jp2", "nameless-avif", "nameless-jp2"]
 
 
 @pytest.mark.parametrize("damage, listed", [

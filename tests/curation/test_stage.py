@@ -52,8 +52,8 @@ def _context(root: Path, section: CurateConfig, cls=StageContext, storage: Stora
 
 @pytest.fixture(scope="module")
 def mixed_pool(tmp_path_factory) -> Path:
-    """40 digits, an exact copy, every bad kind, every odd kind, a tar cut short after 2 digits;
-    2 seed images apart."""
+    """40 digits, an exact copy, every bad kind, every odd kind, a tar cut short after 2 digits,
+    a hidden folder (not listed), a FIFO (reported); 2 seed images apart."""
     root = tmp_path_factory.mktemp("pool")
     pool = root / "pool"
     (pool / "sub").mkdir(parents=True)
@@ -70,6 +70,9 @@ def mixed_pool(tmp_path_factory) -> Path:
         f"t{i}.png": encode(Image.fromarray(np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))), "PNG")
         for i in (42, 43, 44)})[2]
     (pool / "cut.tar").write_bytes((pool / "cut.tar").read_bytes()[:third + 100])
+    (pool / ".ipynb_checkpoints").mkdir()
+    (pool / ".ipynb_checkpoints" / "d00-checkpoint.png").write_bytes((pool / "d00.png").read_bytes())
+    os.mkfifo(pool / "fifo.png")  # reading it would wait forever
     seeds = root / "seeds"
     seeds.mkdir()
     for i in (40, 41):
@@ -107,8 +110,10 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd + 2
     assert manifest[manifest.uri.str.contains("cut.tar")].reject_reason.isna().sum() == 2
     assert metrics["listing_broken_tars"] == 1 and metrics["listing_bad_rows"] == 0
+    assert metrics["listing_skipped_paths"] == 1 and not manifest.uri.str.contains("checkpoint").any()
     stats = json.loads((tmp_path / "curate" / "stats.json").read_text())
-    assert len(stats["listing_problems"]) == 1 and "cut.tar ends early" in stats["listing_problems"][0]
+    assert len(stats["listing_problems"]) == 2 and "cut.tar ends early" in stats["listing_problems"][0]
+    assert "fifo.png is neither a file nor a folder" in stats["listing_problems"][1]
     assert manifest[manifest.uri.str.contains("odd-")].reject_reason.isna().all()
     assert set(manifest.columns) >= {"id", "uri", "sha256", "width", "height", "reject_reason", "dup_group",
                                      "dup_kept", "dup_kind", "cluster_l1", "cluster_l2", "selected",
