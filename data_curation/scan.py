@@ -9,23 +9,24 @@ sets.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from data_curation.copy_descriptor import DESCRIPTOR_DIM, copy_descriptor
 from data_curation.decode import DecodeLimits, decode_image
 from data_curation.embedders import Embedder
-from data_curation.sources import read_many
+from data_curation.sources import Span, read_many
 from data_curation.storage import Storage, StorageError
 
 
 def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
-                prepare: Callable[[np.ndarray], np.ndarray], prepared_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                prepare: Callable[[np.ndarray], np.ndarray], prepared_shape: tuple[int, ...],
+                spans: Sequence[Span | None] | None = None) -> dict[str, np.ndarray]:
     """Columns for ``uris``: metadata, ``accepted``, ``pixels`` (prepared input, zeros when
     rejected) and ``copy`` (the copy-detection descriptor, zeros when rejected). A file that is
     missing or cannot be read is rejected as ``unreadable``; a store that cannot be reached
-    raises its StorageError.
+    raises its StorageError. ``spans``: the tar spans of the listing (see :func:`read_many`).
 
     "Not applicable" is "" in string columns (no reject reason, no sha256 of an unreadable
     file), not None: Ray Data turns an all-None column into floats.
@@ -37,7 +38,7 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
     accepted = np.zeros(n, dtype=bool)
     pixels = np.zeros((n, *prepared_shape), dtype=np.float32)
     copies = np.zeros((n, DESCRIPTOR_DIM), dtype=np.float32)
-    for i, (uri, data) in enumerate(zip(uris, read_many(list(uris), storage), strict=True)):
+    for i, (uri, data) in enumerate(zip(uris, read_many(list(uris), storage, spans), strict=True)):
         if isinstance(data, StorageError):
             raise data  # the store cannot be read, not this image: fail, and a rerun resumes
         if isinstance(data, Exception):

@@ -15,8 +15,11 @@ A source is one URI string:
   member (a reader of the name gets that one).
 
 Listing is a generator: nothing holds the whole pool's names at once. A tar member's URI
-is fsspec's chained form ``tar://MEMBER::TAR_URI``; :func:`read_many` reads members of the
-same tar from one open handle.
+is fsspec's chained form ``tar://MEMBER::TAR_URI``. :func:`iter_listed` also gives each
+member of an uncompressed tar its byte span in the tar, which :func:`read_many` reads alone
+(a ranged GET on S3) instead of streaming the tar from its start up to the member; members
+without a span (gzipped tars, or a span that no longer matches the tar) are read in one pass
+over their tar.
 
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
 fatal: blank or malformed rows of a URI list (not UTF-8, or swallowing line breaks), tars
@@ -29,11 +32,13 @@ A :class:`ListingCursor` follows a listing as it goes, so that a listing stopped
 """
 from __future__ import annotations
 
+import io
 import posixpath
 import tarfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from data_curation.storage import Storage
 
@@ -52,6 +57,17 @@ _SNIFF_BYTES = 16
 
 class SourceError(ValueError):
     """A source URI that cannot be listed; the message names it."""
+
+
+Span = tuple[int, int]
+
+
+class Listed(NamedTuple):
+    """One listed image: its URI and, for a member of an uncompressed tar, the byte span
+    [start, end) of its header blocks and data in the tar, which read alone are a one-member tar."""
+
+    uri: str
+    span: Span | None = None
 
 
 @dataclass
@@ -153,9 +169,17 @@ def iter_source(source: str, storage: Storage | None = None, *, sniff: bool = Tr
 def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
                  uri_column: str = "uri", problems: ListingProblems | None = None,
                  cursor: ListingCursor | None = None) -> Iterator[str]:
-    """Yield the image URIs of each source in turn. From a ``cursor``, start at the point it
-    holds, and keep it at the point after each URI yielded (``problems`` should then start as
-    a copy of the cursor's)."""
+    """Yield the image URIs of each source in turn: :func:`iter_listed` without the spans."""
+    for item in iter_listed(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems, cursor=cursor):
+        yield item.uri
+
+
+def iter_listed(sources: Iterable[str], storage: Storage | None = None, *, sniff: bool = True,
+                uri_column: str = "uri", problems: ListingProblems | None = None,
+                cursor: ListingCursor | None = None) -> Iterator[Listed]:
+    """Yield the images of each source in turn, with their tar spans. From a ``cursor``, start
+    at the point it holds, and keep it at the point after each image yielded (``problems``
+    should then start as a copy of the cursor's)."""
     storage = storage or Storage()
     problems = ListingProblems() if problems is None else problems
     cursor = ListingCursor() if cursor is None else cursor
@@ -164,19 +188,19 @@ def iter_sources(sources: Iterable[str], storage: Storage | None = None, *, snif
     for index in range(cursor.source, len(sources)):
         if index != cursor.source:
             cursor.reached(index, None, problems)
-        for uri, done in _items(sources[index], storage, sniff, uri_column, problems, cursor.after):
-            if uri is not None:
+        for item, done in _items(sources[index], storage, sniff, uri_column, problems, cursor.after):
+            if item is not None:
                 if to_skip:
                     to_skip -= 1
                 else:
                     cursor.skip += 1
-                    yield uri
+                    yield item
             if done is not None:
                 cursor.reached(index, done, problems)
                 to_skip = 0
 
 
-_Item = tuple[str | None, str | None]  # (an image URI to list, a folder entry now listed in full)
+_Item = tuple[Listed | None, str | None]  # (an image to list, a folder entry now listed in full)
 
 
 def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems: ListingProblems,
@@ -185,11 +209,11 @@ def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems
     if lower.endswith(".parquet") or lower.endswith(".csv"):
         if not storage.exists(source):
             raise SourceError(f"source list {source} does not exist")
-        yield from ((uri, None) for uri in _iter_uri_list(source, storage, uri_column, problems))
+        yield from ((Listed(uri), None) for uri in _iter_uri_list(source, storage, uri_column, problems))
     elif lower.endswith(TAR_EXTENSIONS):
         if not storage.exists(source):
             raise SourceError(f"source tar {source} does not exist")
-        yield from ((uri, None) for uri in _iter_tar(source, storage, problems))
+        yield from ((item, None) for item in _iter_tar(source, storage, problems))
     else:
         if not storage.isdir(source):
             if not storage.exists(source):
@@ -207,7 +231,7 @@ def _folder_items(root: str, storage: Storage, sniff: bool, problems: ListingPro
             yield from ((member, None) for member in _iter_tar(uri, storage, problems))
             yield None, uri
         elif has_image_extension(name) or (sniff and _sniff(uri, storage)):
-            yield uri, uri
+            yield Listed(uri), uri
         else:
             yield None, uri
 
@@ -220,19 +244,21 @@ def _sniff(uri: str, storage: Storage) -> bool:
         return False  # unreadable and nameless: not recognisably an image, so not listed
 
 
-def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iterator[str]:
+def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iterator[Listed]:
     listed: set[str] = set()  # a tar's member names: thousands, not millions
     repeated = 0
     try:
         with storage.open(tar_uri, "rb") as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
+            plain = getattr(tar.fileobj, "comptype", None) == "tar"  # not gzipped: members can be read alone
             for member in tar:
                 if member.isfile() and has_image_extension(member.name):
                     if member.name in listed:
                         repeated += 1
                         continue
                     listed.add(member.name)
-                    yield tar_member_uri(tar_uri, member.name)
+                    span = (member.offset, member.offset_data + member.size) if plain else None
+                    yield Listed(tar_member_uri(tar_uri, member.name), span)
             if not getattr(tar, "vfm_reached_end", False):
                 problems.broken_tars.append(f"tar {tar_uri} ends early (truncated or a garbled header): "
                                             f"{len(listed)} images listed before the break")
@@ -302,24 +328,48 @@ def _resolve(base: str, uri: str) -> str:
     return Storage.join(base, uri)
 
 
-def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | Exception]:
+def read_many(uris: list[str], storage: Storage | None = None,
+              spans: Sequence[Span | None] | None = None) -> list[bytes | Exception]:
     """The bytes of each URI, or the exception that reading it raised (never raises itself):
     see :meth:`Storage.read_many`; a tar that cannot be read gives its members its TarError.
 
-    Members of the same tar are read in one pass over that tar.
+    Tar members with a span (``spans[i]``, from :func:`iter_listed`) are read by their spans,
+    those of one tar that lie close together (a decode batch of consecutive members) as one
+    range, all together with the batch's plain files (concurrent GETs on S3). A member whose
+    span does not hold it (the tar was rewritten since it was listed, or breaks there) and one
+    without a span are read in one pass over its tar with the other such members of that tar.
     """
     storage = storage or Storage()
+    spans = [None] * len(uris) if spans is None else spans
     out: list[bytes | Exception] = [OSError("not read")] * len(uris)
     plain: list[int] = []
+    ranged: dict[str, list[int]] = defaultdict(list)
     by_tar: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, uri in enumerate(uris):
         parts = split_tar_member_uri(uri)
         if parts is None:
             plain.append(i)
+        elif spans[i] is not None:
+            ranged[parts[0]].append(i)
         else:
             by_tar[parts[0]][parts[1]].append(i)
-    for i, data in zip(plain, storage.read_many([uris[i] for i in plain]), strict=True):
+    ranges = [(tar_uri, span, members) for tar_uri, indices in ranged.items()
+              for span, members in _merged_spans(indices, spans)]
+    reads = storage.read_many([uris[i] for i in plain] + [tar_uri for tar_uri, _, _ in ranges],
+                              [None] * len(plain) + [span for _, span, _ in ranges])
+    for i, data in zip(plain, reads[:len(plain)], strict=True):
         out[i] = data
+    ranges_read = [tar_uri for (tar_uri, _, _), data in zip(ranges, reads[len(plain):], strict=True)
+                   if isinstance(data, bytes)]
+    for (tar_uri, (start, _), members), data in zip(ranges, reads[len(plain):], strict=True):
+        for i in members:
+            name = split_tar_member_uri(uris[i])[1]
+            if not isinstance(data, bytes):
+                out[i] = data
+            elif (member := _member_in_span(data[spans[i][0] - start:spans[i][1] - start], name)) is not None:
+                out[i] = member
+            else:
+                by_tar[tar_uri][name].append(i)
     failed: dict[str, Exception] = {}
     for tar_uri, members in by_tar.items():
         if (exc := _read_tar_members(tar_uri, members, storage, out)) is not None:
@@ -328,6 +378,7 @@ def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | E
     # tar's own (archived, or denied while its bucket served the batch's other reads), else the
     # store's trouble, a StorageError
     served = Storage.buckets_of([uris[i] for i in plain if isinstance(out[i], bytes)]
+                                + ranges_read
                                 + [tar_uri for tar_uri in by_tar if tar_uri not in failed])
     for tar_uri, exc in failed.items():
         exc = storage.read_failure(tar_uri, exc, served)
@@ -336,6 +387,36 @@ def read_many(uris: list[str], storage: Storage | None = None) -> list[bytes | E
                 if not isinstance(out[i], bytes):
                     out[i] = exc
     return out
+
+
+_SPAN_GAP = 256 * 1024  # bytes between two members' spans that are read through rather than asked for apart
+
+
+def _merged_spans(indices: list[int], spans: Sequence[Span | None]) -> list[tuple[Span, list[int]]]:
+    """The members ``indices`` of one tar as ranges to read, each with the members it holds:
+    spans in tar order, merged where the gap between them is at most ``_SPAN_GAP``."""
+    merged: list[tuple[list[int], list[int]]] = []  # ([start, end], members)
+    for i in sorted(indices, key=lambda i: spans[i]):
+        start, end = spans[i]
+        if merged and start - merged[-1][0][1] <= _SPAN_GAP:
+            merged[-1][0][1] = max(merged[-1][0][1], end)
+            merged[-1][1].append(i)
+        else:
+            merged.append(([start, end], [i]))
+    return [((start, end), members) for (start, end), members in merged]
+
+
+def _member_in_span(data: bytes, name: str) -> bytes | None:
+    """The data of member ``name`` when ``data`` (a span of a tar) is that member whole, else None."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            member = tar.firstmember
+            if member is None or member.name != name or not member.isfile():
+                return None
+            handle = tar.extractfile(member)
+            return handle.read() if handle is not None else None
+    except (tarfile.TarError, EOFError):
+        return None
 
 
 def _read_tar_members(tar_uri: str, members: dict[str, list[int]], storage: Storage,

@@ -12,7 +12,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,6 +64,12 @@ class StorageError(RuntimeError):
     def of(cls, action: str, uri: str, cause: BaseException) -> StorageError:
         """``cannot ACTION URI: CauseType: first line of the cause``."""
         return cls(f"cannot {action} {uri}: {_describe(cause)}")
+
+
+def _read_local_span(uri: str, start: int, end: int) -> bytes:
+    with open(uri.removeprefix("file://"), "rb") as f:
+        f.seek(start)
+        return f.read(max(0, end - start))
 
 
 def _is_remote(uri: str) -> bool:
@@ -206,8 +212,11 @@ class Storage:
         fs, path = self.fs(uri)
         return self._guard(uri, "read", fs.cat_file, path)
 
-    def read_many(self, uris: list[str]) -> list[bytes | Exception]:
+    def read_many(self, uris: list[str], spans: Sequence[tuple[int, int] | None] | None = None
+                  ) -> list[bytes | Exception]:
         """The bytes of each URI, in order, or what reading it raised; never raises itself.
+        ``spans``: for each URI, None for the whole file or (start, end) for its bytes
+        [start, end) only (fewer where the file ends before ``end``).
 
         A file that does not exist is a FileNotFoundError (a local file's other troubles are its
         OSError), and so is an object's own refusal, a PermissionError: an archived object
@@ -219,19 +228,22 @@ class Storage:
         ``[`` and ``*`` in keys literally); local ones in turn.
         """
         out: list[bytes | Exception] = [OSError("not read")] * len(uris)
+        spans = [None] * len(uris) if spans is None else list(spans)
         remote: dict[str, list[int]] = {}
         for i, uri in enumerate(uris):
             if _is_remote(uri):
                 remote.setdefault(uri.split("://", 1)[0], []).append(i)
                 continue
             try:
-                out[i] = self.read_bytes(uri)
+                out[i] = self.read_bytes(uri) if spans[i] is None else _read_local_span(uri, *spans[i])
             except OSError as exc:
                 out[i] = exc
         for rows in remote.values():
             fs, _ = self.fs(uris[rows[0]])
+            starts = [None if spans[i] is None else spans[i][0] for i in rows]
+            ends = [None if spans[i] is None else spans[i][1] for i in rows]
             try:
-                blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], None, None, on_error="return")
+                blobs = fs.cat_ranges([fs._strip_protocol(uris[i]) for i in rows], starts, ends, on_error="return")
             except Exception as exc:  # the whole batch failed; each URI gets the error
                 blobs = [exc] * len(rows)
             served = Storage.buckets_of([uris[i] for i, blob in zip(rows, blobs, strict=True) if isinstance(blob, bytes)])

@@ -34,7 +34,14 @@ from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape, scan_uris
-from data_curation.sources import ListingCursor, ListingProblems, SourceError, iter_sources
+from data_curation.sources import (
+    Listed,
+    ListingCursor,
+    ListingProblems,
+    SourceError,
+    iter_listed,
+    iter_sources,
+)
 from data_curation.storage import Storage
 from orchestration.ray_runtime import cluster_gpus
 from orchestration.stage import Resources, Stage, StageContext
@@ -44,6 +51,7 @@ MANIFEST_FILE = "manifest.parquet"
 DEMO_SOURCE = "demo:"
 _LISTING_DONE = "_DONE.json"
 _LISTING_CURSOR = "vfm.listing"  # Parquet metadata key of a listing chunk: where the listing stood
+_LISTING_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
 
 
 def kmeans_params(cfg, seed: int) -> KMeansParams:
@@ -83,7 +91,8 @@ def demo_pool_dir(ctx: StageContext) -> Path:
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
                   uri_column: str, log: Callable[[str], None] = lambda line: None,
                   log_every_s: float = 10.0) -> tuple[dict[int, int], ListingProblems]:
-    """Stream the sources into listing chunks (Parquet: chunk, row, uri) under ``root``;
+    """Stream the sources into listing chunks (Parquet: chunk, row, uri, and span_start and
+    span_end, a tar member's byte span in its tar, -1 for none) under ``root``;
     reuses a finished listing that found images. Returns rows per chunk and what listing skipped.
 
     Each chunk carries in its Parquet metadata where the listing stood after its last row, so
@@ -97,7 +106,7 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     if rows:
         log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
     problems = cursor.problems.copy()
-    batch: list[str] = []
+    batch: list[Listed] = []
     start = last_log = time.monotonic()
     listed_before = sum(rows.values())
 
@@ -106,8 +115,11 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         index = len(rows)
         table = pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
                           "row": pa.array(np.arange(len(batch)), pa.int64()),
-                          "uri": pa.array(batch, pa.string())})
-        where = {"sources": _sources_digest(sources), "chunk_size": chunk_size, "cursor": cursor.to_json()}
+                          "uri": pa.array([item.uri for item in batch], pa.string()),
+                          "span_start": pa.array([item.span[0] if item.span else -1 for item in batch], pa.int64()),
+                          "span_end": pa.array([item.span[1] if item.span else -1 for item in batch], pa.int64())})
+        where = {"sources": _sources_digest(sources), "chunk_size": chunk_size, "cursor": cursor.to_json(),
+                 "format": _LISTING_FORMAT}
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({_LISTING_CURSOR: json.dumps(where)}), buf)
         storage.write_bytes(_listing_chunk(root, index), buf.getvalue())
@@ -119,9 +131,9 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
             log(f"listing: {images} images in {len(rows)} chunks so far, "
                 f"{(images - listed_before) / (now - start):.0f} images/s")
 
-    for uri in iter_sources(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems,
+    for item in iter_listed(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems,
                             cursor=cursor):
-        batch.append(uri)
+        batch.append(item)
         if len(batch) == chunk_size:
             flush()
     if batch:
@@ -154,7 +166,8 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
             where = json.loads((meta.metadata or {})[_LISTING_CURSOR.encode()])
         except (KeyError, ValueError, pa.ArrowException):  # not a whole chunk of this format
             continue
-        if where.get("sources") != _sources_digest(sources) or where.get("chunk_size") != chunk_size:
+        if (where.get("sources") != _sources_digest(sources) or where.get("chunk_size") != chunk_size
+                or where.get("format") != _LISTING_FORMAT):
             break
         rows = {i: chunk_size for i in range(last)}
         rows[last] = meta.num_rows

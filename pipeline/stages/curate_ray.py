@@ -58,8 +58,12 @@ def _quiet_data_context() -> None:
 
 def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: DecodeLimits, embedder: str,
                   image_size: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    spans = None  # a listing written before tar spans were listed has none
+    if "span_start" in batch:
+        spans = [None if start < 0 else (int(start), int(end)) for start, end in zip(batch["span_start"], batch["span_end"],
+                                                                                     strict=True)]
     rows = decode_rows([str(u) for u in batch["uri"]], Storage(storage_options), limits,
-                       build_preparer(embedder, image_size), shape)
+                       build_preparer(embedder, image_size), shape, spans)
     rows["chunk"] = np.asarray(batch["chunk"], dtype=np.int64)
     rows["row"] = np.asarray(batch["row"], dtype=np.int64)
     return rows
@@ -93,7 +97,8 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
                  embedder: str, image_size: int, prepared_shape: tuple[int, ...], batch_size: int, actors: int,
                  cpus_per_actor: float, gpus_per_actor: float,
                  on_chunk: Callable[[int], None] = lambda index: None) -> None:
-    """Decode and embed the rows of ``listing_uris`` (Parquet: chunk, row, uri) and write
+    """Decode and embed the rows of ``listing_uris`` (Parquet: chunk, row, uri, span_start,
+    span_end) and write
     each chunk to ``store`` once complete; ``expected_rows[chunk]`` says when it is."""
     if not listing_uris:
         return

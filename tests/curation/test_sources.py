@@ -11,9 +11,13 @@ import pytest
 from data_curation.decode import DecodeLimits
 from data_curation.scan import decode_rows
 from data_curation.sources import (
+    _SPAN_GAP,
+    Listed,
     ListingCursor,
     ListingProblems,
     SourceError,
+    _merged_spans,
+    iter_listed,
     iter_source,
     iter_sources,
     read_many,
@@ -86,6 +90,46 @@ def test_avif_and_jpeg2000_are_listed_by_extension_and_by_sniffing(tmp_path):
     (tmp_path / "codestream").write_bytes(encode(rgb(), "JPEG2000", no_jp2=True))  # a bare J2K stream
     listed = sorted(u.rsplit("/", 1)[1] for u in iter_source(str(tmp_path)))
     assert listed == ["codestream", "named.avif", "named.jp2", "nameless-avif", "nameless-jp2"]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_tar_members_with_a_listed_span_are_read_alone(tmp_path, remote, request):
+    storage, root = storage_at(request, tmp_path, "pool", remote)
+    local = tmp_path / "shard.tar"
+    offsets = write_tar(local, {f"k{i}.png": encode(rgb(seed=i), "PNG") for i in range(4)} | {"k4.json": b"{}"})
+    shard = storage.join(root, "shard.tar")
+    storage.write_bytes(shard, local.read_bytes())
+    listed = list(iter_listed([shard], storage))
+    assert [item.span[0] for item in listed] == offsets[:4]
+    uris, spans = [item.uri for item in listed], [item.span for item in listed]
+    members = [encode(rgb(seed=i), "PNG") for i in range(4)]
+    assert read_many(uris, storage, spans) == read_many(uris, storage) == members
+    # A garbled header before them: a pass over the tar breaks there, a member read alone does not
+    data = bytearray(local.read_bytes())
+    data[offsets[1] + 148:offsets[1] + 156] = b"garbage!"  # the header's checksum
+    storage.write_bytes(shard, bytes(data))
+    assert read_many(uris[2:], storage, spans[2:]) == members[2:]
+    assert not any(isinstance(got, bytes) for got in read_many(uris[2:], storage))  # the pass ends there
+    # Spans that no longer hold their members (the tar rewritten in another order): one pass over the tar
+    write_tar(local, {f"k{i}.png": encode(rgb(seed=i), "PNG") for i in (3, 2, 1, 0)})
+    storage.write_bytes(shard, local.read_bytes())
+    assert read_many(uris, storage, spans) == members
+    storage.rm(shard)
+    assert all(isinstance(got, FileNotFoundError) for got in read_many(uris, storage, spans))
+
+
+def test_member_spans_close_together_are_read_as_one_range():
+    spans = [(0, 1024), (2048, 3072), (1024, 2048), (3072 + _SPAN_GAP + 1, 4 * _SPAN_GAP), None]
+    assert _merged_spans([3, 0, 1, 2], spans) == [((0, 3072), [0, 2, 1]), ((3073 + _SPAN_GAP, 4 * _SPAN_GAP), [3])]
+
+
+def test_members_of_a_gzipped_tar_have_no_span(tmp_path):
+    shard = tmp_path / "shard.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        info = tarfile.TarInfo("k0.png")
+        info.size = len(PNG)
+        tar.addfile(info, io.BytesIO(PNG))
+    assert list(iter_listed([str(shard)])) == [Listed(f"tar://k0.png::{shard}", None)]
 
 
 @pytest.mark.parametrize("damage, listed", [

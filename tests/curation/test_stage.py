@@ -199,6 +199,10 @@ def test_listing_reports_progress_and_a_finished_listing_is_read_back(mixed_pool
     assert len(lines) == len(rows) > 1 and all(v == 8 for i, v in rows.items() if i < len(rows) - 1)
     assert re.fullmatch(r"listing: 16 images in 2 chunks so far, \d+ images/s", lines[1])
     assert problems.broken_tars  # the tar cut short
+    listed = pq.read_table(root).to_pandas()
+    members = listed[listed.uri.str.startswith("tar://")]
+    assert len(members) == 2 and (members.span_start >= 0).all() and (members.span_end > members.span_start).all()
+    assert (listed[~listed.uri.str.startswith("tar://")].span_start == -1).all()
     again: list[str] = []
     assert write_listing([str(mixed_pool / "pool")], root, Storage(), chunk_size=8, sniff=True,
                          uri_column="uri", log=again.append, log_every_s=0.0) == (rows, problems)
