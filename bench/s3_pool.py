@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_curation.storage import Storage  # noqa: E402
 from pipeline.stages.curate import write_listing  # noqa: E402
-from tests.s3server import SeaweedS3  # noqa: E402
+from tests.s3server import seaweed_server  # noqa: E402
 
 
 class _Stop(Exception):
@@ -135,10 +133,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="objects per read_many call (curate.embed.batch_size)")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="vfm-bench-listing-"))
-    server = SeaweedS3(root)
-    server.start()
-    try:
+    with seaweed_server("vfm-bench-listing-") as server:
+        root = server.root
         server.client().create_bucket(Bucket="pool")
         storage = server.storage()
         uri = "s3://pool/raw"
@@ -175,9 +171,6 @@ def main() -> None:
             "peak_memory_ratio": round(ours["peak_mib"] / base["peak_mib"], 4),
             "held_after_mib": {"walk_files": ours["held_after_mib"], "s3fs_walk": base["held_after_mib"]},
         }, indent=1))
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_curation.sources import iter_listed, read_many  # noqa: E402
 from data_curation.storage import Storage  # noqa: E402
-from tests.s3server import SeaweedS3  # noqa: E402
+from tests.s3server import seaweed_server  # noqa: E402
 
 
 def make_tar(members: int, member_kib: int, seed: int = 0) -> bytes:
@@ -87,12 +85,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="vfm-bench-tar-"))
-    server = SeaweedS3(root / "s3")
-    server.start()
-    try:
+    with seaweed_server("vfm-bench-tar-") as server:
         data = make_tar(args.members, args.member_kib)
-        local = root / "shard-000000.tar"
+        local = server.root / "shard-000000.tar"
         local.write_bytes(data)
         server.client().create_bucket(Bucket="pool")
         s3 = server.storage()
@@ -104,9 +99,6 @@ def main() -> None:
             "s3_loopback": compare(s3, "s3://pool/shards/shard-000000.tar", args.batch, args.repeats),
             "local_disk": compare(Storage(), str(local), args.batch, args.repeats),
         }, indent=1))
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 @pytest.fixture(scope="session")
 def s3_server():
-    from tests.s3server import SeaweedS3
+    from tests.s3server import seaweed_server
 
-    root = Path(tempfile.mkdtemp(prefix="vfm-s3-"))
-    server = SeaweedS3(root)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with seaweed_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -12,8 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -130,6 +133,19 @@ class SeaweedS3:
         """The AWS variables a subprocess needs to reach this server."""
         return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
                 "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def seaweed_server(prefix: str = "vfm-s3-") -> Iterator[SeaweedS3]:
+    """A started SeaweedFS server in a fresh temp folder (``server.root``) for the life of the
+    block; stopped and its folder removed after."""
+    server = SeaweedS3(Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
 
 
 class S3Bucket:
