@@ -23,6 +23,7 @@ from data_curation.shards.plan import (
     load_plan,
     make_plan,
     plan_fingerprint,
+    plan_spans,
     read_selected,
     save_plan,
     stat_sources,
@@ -86,8 +87,9 @@ def build_shards(manifest_uri: str, shard_dir: str, work_dir: str, spec: ShardSp
     plan_uri = Storage.join(work_dir, "plan.parquet")
     plan = load_plan(plan_uri, fingerprint, storage)
     if plan is None:
-        uris = selected["uri"].to_pylist()
-        batches = [(uris[i:i + spec.stat_batch], storage) for i in range(0, len(uris), spec.stat_batch)]
+        uris, spans = selected["uri"].to_pylist(), plan_spans(selected)
+        batches = [(uris[i:i + spec.stat_batch], storage, spans[i:i + spec.stat_batch])
+                   for i in range(0, len(uris), spec.stat_batch)]
         sizes = [size for part in run_all(stat_sources, batches) for size in part]
         plan = make_plan(selected, sizes, spec.limits)
         save_plan(plan, plan_uri, fingerprint, storage)

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_curation.sources import split_tar_member_uri
+from data_curation.embedding_store import SPAN_COLUMNS
+from data_curation.sources import Span, split_tar_member_uri
 from data_curation.storage import Storage
 
 # Tar headers, JSON metadata and padding that each sample adds to its image bytes.
@@ -54,7 +55,8 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     ``source``, named in errors), sorted by id so that the plan ignores the manifest's row order,
     and the number of selected rows dropped for repeating an id (a sample key must be unique).
 
-    The cluster columns are folded into one ``clusters`` list column (finest level first).
+    The cluster columns are folded into one ``clusters`` list column (finest level first);
+    ``span_start``/``span_end`` are null for all rows of a manifest without them (older runs).
     """
     table = pq.read_table(io.BytesIO(manifest))
     missing = [c for c in (*_PLAN_COLUMNS, "selected") if c not in table.column_names]
@@ -65,10 +67,22 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     columns = [table[c].to_pylist() for c in levels]
     clusters = [list(row) for row in zip(*columns, strict=True)] if levels else [[]] * table.num_rows
     out = table.select(list(_PLAN_COLUMNS)).append_column("clusters", pa.array(clusters, pa.list_(pa.int64())))
+    for column in SPAN_COLUMNS:
+        out = out.append_column(column, table[column] if column in table.column_names
+                                else pa.nulls(table.num_rows, pa.int64()))
     out = out.sort_by("id")
     ids = out["id"].to_pylist()
     first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
     return out.filter(pa.array(first, pa.bool_())), len(ids) - sum(first)
+
+
+def plan_spans(table: pa.Table) -> list[Span | None]:
+    """The tar spans of the rows of a table from :func:`read_selected` (a plan too), None for
+    none; all None for a plan saved before plans kept spans."""
+    if any(column not in table.column_names for column in SPAN_COLUMNS):
+        return [None] * table.num_rows
+    starts, ends = (table[column].to_pylist() for column in SPAN_COLUMNS)
+    return [None if start is None else (start, end) for start, end in zip(starts, ends, strict=True)]
 
 
 def _folder_sizes(folder: str, storage: Storage) -> tuple[Any, dict[str, int]]:
@@ -89,18 +103,25 @@ def _tar_member_sizes(tar_uri: str, storage: Storage) -> dict[str, int]:
         return {}
 
 
-def stat_sources(uris: list[str], storage: Storage | None = None) -> list[int | None]:
+def stat_sources(uris: list[str], storage: Storage | None = None,
+                 spans: list[Span | None] | None = None) -> list[int | None]:
     """Each source's size in bytes, None for one that no longer exists.
 
     Sizes come from one listing per folder (one LIST request per 1,000 objects on S3) and
-    one header scan per source tar, rather than one request per file.
+    one header scan per source tar, rather than one request per file. A tar member with a
+    span (``spans[i]``, from the manifest) is not looked up: its size is taken as its span's
+    (its data and header blocks), and if its tar has gone since, the writer counts it missing.
     """
     storage = storage or Storage()
+    spans = [None] * len(uris) if spans is None else spans
     folders: dict[str, tuple[Any, dict[str, int]]] = {}
     tars: dict[str, dict[str, int]] = {}
     sizes: list[int | None] = []
-    for uri in uris:
+    for uri, span in zip(uris, spans, strict=True):
         member = split_tar_member_uri(uri)
+        if member is not None and span is not None:
+            sizes.append(span[1] - span[0])
+            continue
         if member is not None:
             tar_uri, name = member
             if tar_uri not in tars:

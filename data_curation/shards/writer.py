@@ -23,9 +23,9 @@ import pyarrow as pa
 from data_curation.shards.encode import BadImage, EncodeOptions, stored_image
 from data_curation.shards.index import INDEX_SCHEMA, SHARDS_FOLDER, ShardRecord, load_record, save_record
 from data_curation.shards.members import BLOCK, archive_end, member_header, padded
-from data_curation.shards.plan import shard_name
+from data_curation.shards.plan import plan_spans, shard_name
 from data_curation.shards.verify import shard_sha256
-from data_curation.sources import read_many
+from data_curation.sources import Span, read_many
 from data_curation.storage import Storage, StorageError
 
 
@@ -41,12 +41,15 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard to make: its name, final URI, planned samples (plan rows) and their digest."""
+    """One shard to make: its name, final URI, planned samples (plan rows) and their digest, and
+    the samples' tar spans (where to read a tar member alone; not part of the digest: a read
+    hint, not content)."""
 
     name: str
     uri: str
     samples: list[dict]
     plan_digest: str
+    spans: list[Span | None] = field(default_factory=list)
 
 
 @dataclass
@@ -63,15 +66,16 @@ class GroupOutcome:
 def shard_jobs(plan: pa.Table, shard_dir: str, prefix: str, options: EncodeOptions) -> list[ShardJob]:
     """The plan cut into one job per shard, in shard order."""
     rows = plan.select(["id", "uri", "sha256", "width", "height", "selected_by", "clusters", "shard"]).to_pylist()
-    by_shard: dict[int, list[dict]] = {}
-    for row in rows:
-        by_shard.setdefault(row.pop("shard"), []).append(row)
+    by_shard: dict[int, list[tuple[dict, Span | None]]] = {}
+    for row, span in zip(rows, plan_spans(plan), strict=True):
+        by_shard.setdefault(row.pop("shard"), []).append((row, span))
     jobs = []
     for number in sorted(by_shard):
-        samples = by_shard[number]
+        samples = [row for row, _ in by_shard[number]]
         digest = hashlib.sha256(json.dumps([samples, asdict(options)], sort_keys=True).encode()).hexdigest()
         name = shard_name(prefix, number)
-        jobs.append(ShardJob(name, Storage.join(shard_dir, SHARDS_FOLDER, name), samples, digest))
+        jobs.append(ShardJob(name, Storage.join(shard_dir, SHARDS_FOLDER, name), samples, digest,
+                             [span for _, span in by_shard[number]]))
     return jobs
 
 
@@ -104,9 +108,9 @@ def build_shard(job: ShardJob, out: _HashingFile, storage: Storage, options: Enc
     """Write the tar of ``job`` to ``out``; returns its index rows, the counts of skipped samples by
     reason, and how many images were re-encoded."""
     rows, skipped, reencoded = [], Counter(), 0
-    # One read for the whole shard (members of a source tar come from one pass over it); at most
-    # about the shard's byte cap is held at once.
-    sources = read_many([sample["uri"] for sample in job.samples], storage)
+    # One read for the whole shard (tar members by their spans, those without one from one pass
+    # over their tar); at most about the shard's byte cap is held at once.
+    sources = read_many([sample["uri"] for sample in job.samples], storage, job.spans or None)
     for sample, source in zip(job.samples, sources, strict=True):
         if isinstance(source, FileNotFoundError):
             skipped["missing"] += 1

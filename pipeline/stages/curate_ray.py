@@ -21,7 +21,7 @@ import ray
 
 from data_curation.decode import DecodeLimits
 from data_curation.embedders import build_embedder, build_preparer
-from data_curation.embedding_store import ChunkStore
+from data_curation.embedding_store import SPAN_COLUMNS, ChunkStore
 from data_curation.hkmeans import assign
 from data_curation.scan import decode_rows, embed_rows
 from data_curation.storage import Storage, StorageError
@@ -64,6 +64,8 @@ def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: D
                                                                                      strict=True)]
     rows = decode_rows([str(u) for u in batch["uri"]], Storage(storage_options), limits,
                        build_preparer(embedder, image_size), shape, spans)
+    for column in SPAN_COLUMNS:  # kept with the chunk, for the manifest and the shard stage's reads
+        rows[column] = np.asarray(batch[column], dtype=np.int64) if spans else np.full(len(rows["uri"]), -1, np.int64)
     rows["chunk"] = np.asarray(batch["chunk"], dtype=np.int64)
     rows["row"] = np.asarray(batch["row"], dtype=np.int64)
     return rows

@@ -109,6 +109,8 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
         assert metrics[f"rejected_{reason}"] == 1
     assert metrics["rejected"] == n_bad and metrics["accepted"] == 41 + n_odd + 2
     assert manifest[manifest.uri.str.contains("cut.tar")].reject_reason.isna().sum() == 2
+    in_tar = manifest.uri.str.startswith("tar://")  # their spans, for the shard stage to read them alone
+    assert manifest[in_tar].span_start.notna().all() and manifest[~in_tar].span_start.isna().all()
     assert metrics["listing_broken_tars"] == 1 and metrics["listing_bad_rows"] == 0
     assert metrics["listing_skipped_paths"] == 1 and not manifest.uri.str.contains("checkpoint").any()
     stats = json.loads((tmp_path / "curate" / "stats.json").read_text())

@@ -32,11 +32,13 @@ class ImagePool:
 
 
 def make_pool(folder: str, n: int = 200, storage: Storage | None = None, side: int = 24,
-              packed: bool = False) -> ImagePool:
+              packed: bool = False, spans: bool = False) -> ImagePool:
     """``n`` images under ``folder`` (local or s3://) and ``folder``/manifest.parquet.
 
     Every 10th image is left unselected, and one unreadable file is listed as rejected.
-    ``packed`` puts the images in ``folder``/images.tar instead, listed as tar member URIs.
+    ``packed`` puts the images in ``folder``/images.tar instead, listed as tar member URIs,
+    and ``spans`` gives the manifest their spans in the tar, as curate writes them (without,
+    the manifest is one of a run from before curate kept spans).
     """
     storage = storage or Storage()
     digits = load_builtin("digits")
@@ -68,19 +70,25 @@ def make_pool(folder: str, n: int = 200, storage: Storage | None = None, side: i
                      "selected_by": ("balanced" if i % 3 else "retrieval") if selected else None})
         if selected:
             pool.source[sha], pool.uris[sha], pool.labels[sha] = data, uri, label
+    schema = [("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
+              ("height", pa.int32()), ("reject_reason", pa.string()), ("dup_group", pa.int64()),
+              ("dup_kept", pa.bool_()), ("dup_kind", pa.string()), ("cluster_l1", pa.int64()),
+              ("cluster_l2", pa.int64()), ("selected", pa.bool_()), ("selected_by", pa.string())]
     if tar is not None:
         tar.close()
         storage.write_bytes(tar_uri, packed_images.getvalue())
+        if spans:
+            with tarfile.open(fileobj=io.BytesIO(packed_images.getvalue())) as written:
+                where = {tar_member_uri(tar_uri, m.name): (m.offset, m.offset_data + m.size) for m in written}
+            for row in rows:
+                row["span_start"], row["span_end"] = where[row["uri"]]
+            schema += [("span_start", pa.int64()), ("span_end", pa.int64())]
     bad_uri = Storage.join(folder, "images", "broken.jpg")
     storage.write_bytes(bad_uri, b"\xff\xd8\xff")
     rows.append({"id": hashlib.sha256(bad_uri.encode()).hexdigest(), "uri": bad_uri, "sha256": None, "width": None,
                  "height": None, "reject_reason": "truncated", "dup_group": None, "dup_kept": None, "dup_kind": None,
                  "cluster_l1": None, "cluster_l2": None, "selected": False, "selected_by": None})
-    schema = pa.schema([("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("reject_reason", pa.string()), ("dup_group", pa.int64()),
-                        ("dup_kept", pa.bool_()), ("dup_kind", pa.string()), ("cluster_l1", pa.int64()),
-                        ("cluster_l2", pa.int64()), ("selected", pa.bool_()), ("selected_by", pa.string())])
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(schema)), sink)
     storage.write_bytes(pool.manifest_uri, sink.getvalue())
     return pool

@@ -207,6 +207,22 @@ def test_sources_inside_a_tar_are_read_and_sized_from_it(tmp_path):
         assert pool.source[key] in members.values() or pool.source[key].startswith(b"BM")
 
 
+def test_tar_sources_with_spans_in_the_manifest_are_read_alone(tmp_path):
+    pool = make_pool(str(tmp_path / "src"), n=40, packed=True, spans=True)
+    manifest = pq.read_table(pool.manifest_uri).to_pylist()
+    first = min((row for row in manifest if row["selected"]), key=lambda row: row["span_start"])
+    shard_data = bytearray((tmp_path / "src" / "images.tar").read_bytes())
+    at = first["span_start"] + 148  # the first selected member's header checksum: a pass over the tar stops there
+    shard_data[at:at + 8] = b"garbage!"
+    (tmp_path / "src" / "images.tar").write_bytes(bytes(shard_data))
+    spec = ShardSpec(prefix="t", limits=ShardLimits(samples=50, max_bytes=1 << 20, seed=0))
+    result = build_shards(pool.manifest_uri, str(tmp_path / "shard"), str(tmp_path / "work"), spec, **QUIET)
+    assert set(_tar_samples(str(tmp_path / "shard"))) == pool.selected - {first["id"]}
+    assert result.skipped["unreadable"] == 1
+    plan = pq.read_table(tmp_path / "work" / "plan.parquet").to_pylist()  # sized from the spans, no tar read
+    assert all(row["source_bytes"] == row["span_end"] - row["span_start"] for row in plan)
+
+
 def test_a_repeated_id_in_the_manifest_is_written_once_and_counted(tmp_path):
     pool = make_pool(str(tmp_path / "src"), n=20)
     manifest = pq.read_table(pool.manifest_uri)
