@@ -53,6 +53,12 @@ def test_a_sampling_target_is_a_whole_count_or_a_fraction_up_to_one():
         load_config("smoke", ["curate.sample.target=1.5"])
 
 
+def test_a_near_duplicate_threshold_of_one_is_refused_not_a_silent_off_switch():
+    assert load_config("smoke", ["curate.dedup.threshold=0.999"]).curate.dedup.threshold == 0.999
+    with pytest.raises(ConfigError, match=r"curate.dedup.threshold: .*less than 1"):
+        load_config("smoke", ["curate.dedup.threshold=1.0"])
+
+
 def test_a_value_that_fits_no_member_of_a_union_is_one_entry_naming_each_rule():
     assert load_config("smoke", ["curate.embed.actors=4"]).curate.embed.actors == 4
     assert load_config("smoke").curate.embed.gpus_per_actor == "auto"

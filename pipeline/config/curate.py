@@ -42,8 +42,9 @@ class EmbedConfig(Section):
 class DedupConfig(Section):
     descriptor: Literal["copy", "embedding"] = Field("copy", description="What near duplicates are compared "
                                                     "on: the built-in copy-detection descriptor or the embedding.")
-    threshold: float = Field(0.99, gt=0, le=1, description="Cosine similarity above which two images are near "
-                             "duplicates.")
+    threshold: float = Field(0.99, gt=0, lt=1, description="Cosine similarity above which two images are near "
+                             "duplicates (below 1: no two images are more similar than 1; byte-identical ones are "
+                             "always removed).")
     k: int = Field(16, ge=1, description="Neighbours searched per image.")
 
 
