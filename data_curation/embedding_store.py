@@ -49,12 +49,13 @@ def _strings(values) -> pa.Array:
 
 
 SPAN_COLUMNS = ("span_start", "span_end")  # a tar member's byte span in its tar (sources.Listed.span)
+_LATER_COLUMNS = (*SPAN_COLUMNS, "bytes")  # int64 columns that chunks of older runs lack
 
 
 def meta_table(rows: dict[str, np.ndarray]) -> pa.Table:
     """The Parquet metadata of a chunk (uri, id, sha256, width, height, reject_reason,
-    span_start, span_end); width/height null when unknown, the span null for no span (-1 in
-    ``rows``, or no span columns at all)."""
+    span_start, span_end, bytes); width/height null when unknown, the span null for no span,
+    bytes (the image file's size) null when unreadable (-1 in ``rows``, or no such column)."""
     width = np.asarray(rows["width"], dtype=np.int32)
     height = np.asarray(rows["height"], dtype=np.int32)
     table = pa.table({
@@ -65,15 +66,15 @@ def meta_table(rows: dict[str, np.ndarray]) -> pa.Table:
         "height": pa.array(height, pa.int32(), mask=height < 0),
         "reject_reason": _strings(rows["reject_reason"]),
     })
-    for column in SPAN_COLUMNS:
+    for column in _LATER_COLUMNS:
         values = np.asarray(rows.get(column, np.full(table.num_rows, -1)), dtype=np.int64)
         table = table.append_column(column, pa.array(values, pa.int64(), mask=values < 0))
     return table
 
 
-def _with_spans(meta: pa.Table) -> pa.Table:
-    """``meta`` with null span columns where it has none (a chunk written before spans were kept)."""
-    for column in SPAN_COLUMNS:
+def _with_later_columns(meta: pa.Table) -> pa.Table:
+    """``meta`` with null columns for those it lacks (a chunk written before they were kept)."""
+    for column in _LATER_COLUMNS:
         if column not in meta.column_names:
             meta = meta.append_column(column, pa.nulls(meta.num_rows, pa.int64()))
     return meta
@@ -133,7 +134,7 @@ class ChunkStore:
 
     def read(self, index: int) -> Chunk:
         base = Storage.join(self.root, chunk_name(index))
-        meta = _with_spans(pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet"))))
+        meta = _with_later_columns(pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet"))))
         embedding = np.load(self._local(f"{base}.embedding.npy"), mmap_mode="r")
         copy = np.load(self._local(f"{base}.copy.npy"), mmap_mode="r")
         return Chunk(index, meta, embedding, copy)

@@ -1,9 +1,10 @@
 """The curation manifest (curate/manifest.parquet) and the balance figure.
 
 One row per listed image, rejected ones included. Columns (the schema the shard stage
-reads): id, uri, span_start, span_end, sha256, width, height, reject_reason, dup_group,
-dup_kept, dup_kind, cluster_l1..cluster_lN, selected, selected_by. The span is a tar
-member's byte span in its tar (null for other images), which the shard stage reads alone. Per-row arrays come in aligned with the
+reads): id, uri, span_start, span_end, sha256, bytes, width, height, reject_reason,
+dup_group, dup_kept, dup_kind, cluster_l1..cluster_lN, selected, selected_by. The span is a
+tar member's byte span in its tar (null for other images), which the shard stage reads
+alone; bytes is the image file's size (null when unreadable), which it plans shards by. Per-row arrays come in aligned with the
 listing; "not applicable" is null (dup columns for rejected rows, cluster ids for rows not
 clustered, selected_by for rows not selected). ``dup_kind`` is null for a kept row and
 "exact" / "near" for a removed one (same bytes as its group's kept row, or not).
@@ -22,8 +23,8 @@ def _masked_int64(values: np.ndarray) -> pa.Array:
 
 def build_manifest(meta: pa.Table, dup_group: np.ndarray, dup_kept: np.ndarray, dup_kind: np.ndarray,
                    clusters: np.ndarray, selected_by: np.ndarray) -> pa.Table:
-    """``meta`` holds id, uri, span_start, span_end, sha256, width, height, reject_reason for
-    all N rows; the rest
+    """``meta`` holds id, uri, span_start, span_end, sha256, bytes, width, height, reject_reason
+    for all N rows; the rest
     are (N,) arrays (``clusters`` (N, L)) with -1 / None where not applicable."""
     accepted = pc.is_null(meta.column("reject_reason")).to_numpy(zero_copy_only=False)
     kept = pa.array(np.asarray(dup_kept, dtype=bool), pa.bool_(), mask=~accepted)
@@ -34,6 +35,7 @@ def build_manifest(meta: pa.Table, dup_group: np.ndarray, dup_kept: np.ndarray, 
         "span_start": meta.column("span_start"),
         "span_end": meta.column("span_end"),
         "sha256": meta.column("sha256"),
+        "bytes": meta.column("bytes"),
         "width": meta.column("width"),
         "height": meta.column("height"),
         "reject_reason": meta.column("reject_reason"),

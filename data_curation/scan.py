@@ -23,7 +23,7 @@ from data_curation.storage import Storage, StorageError
 def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
                 prepare: Callable[[np.ndarray], np.ndarray], prepared_shape: tuple[int, ...],
                 spans: Sequence[Span | None] | None = None) -> dict[str, np.ndarray]:
-    """Columns for ``uris``: metadata, ``accepted``, ``pixels`` (prepared input, zeros when
+    """Columns for ``uris``: metadata (``bytes``: the file's size, -1 when unreadable), ``accepted``, ``pixels`` (prepared input, zeros when
     rejected) and ``copy`` (the copy-detection descriptor, zeros when rejected). A file that is
     missing or cannot be read is rejected as ``unreadable``; a store that cannot be reached
     raises its StorageError. ``spans``: the tar spans of the listing (see :func:`read_many`).
@@ -35,6 +35,7 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
     ids, shas, reasons = [], [], []
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
+    size = np.full(n, -1, dtype=np.int64)
     accepted = np.zeros(n, dtype=bool)
     pixels = np.zeros((n, *prepared_shape), dtype=np.float32)
     copies = np.zeros((n, DESCRIPTOR_DIM), dtype=np.float32)
@@ -47,6 +48,7 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
             reasons.append("unreadable")
             continue
         sha = hashlib.sha256(data).hexdigest()
+        size[i] = len(data)
         ids.append(sha)
         shas.append(sha)
         decoded = decode_image(data, limits)
@@ -63,6 +65,7 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
         "sha256": np.asarray(shas, dtype=object),
         "width": width,
         "height": height,
+        "bytes": size,
         "reject_reason": np.asarray(reasons, dtype=object),
         "accepted": accepted,
         "pixels": pixels,

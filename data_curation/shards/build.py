@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from data_curation.shards.encode import EncodeOptions
 from data_curation.shards.index import ShardRecord, write_index
 from data_curation.shards.plan import (
@@ -23,7 +25,6 @@ from data_curation.shards.plan import (
     load_plan,
     make_plan,
     plan_fingerprint,
-    plan_spans,
     read_selected,
     save_plan,
     stat_sources,
@@ -75,6 +76,18 @@ class BuildResult:
                 "encode": asdict(spec.encode)}
 
 
+def _source_sizes(selected: pa.Table, storage: Storage, spec: ShardSpec, run_all: RunAll) -> list[int | None]:
+    """Each selected source's size: the manifest's ``bytes`` (what curate read; a source gone
+    since is counted missing by the writer), else looked up in the store (older manifests)."""
+    sizes = selected["bytes"].to_pylist()
+    todo = [i for i, size in enumerate(sizes) if size is None]
+    uris = [selected["uri"][i].as_py() for i in todo]
+    batches = [(uris[i:i + spec.stat_batch], storage) for i in range(0, len(uris), spec.stat_batch)]
+    for i, size in zip(todo, [size for part in run_all(stat_sources, batches) for size in part], strict=True):
+        sizes[i] = size
+    return sizes
+
+
 def build_shards(manifest_uri: str, shard_dir: str, work_dir: str, spec: ShardSpec, storage: Storage | None = None,
                  scratch_dir: Path | str | None = None, run_all: RunAll = run_serially,
                  log: Callable[[str], None] = print) -> BuildResult:
@@ -87,11 +100,7 @@ def build_shards(manifest_uri: str, shard_dir: str, work_dir: str, spec: ShardSp
     plan_uri = Storage.join(work_dir, "plan.parquet")
     plan = load_plan(plan_uri, fingerprint, storage)
     if plan is None:
-        uris, spans = selected["uri"].to_pylist(), plan_spans(selected)
-        batches = [(uris[i:i + spec.stat_batch], storage, spans[i:i + spec.stat_batch])
-                   for i in range(0, len(uris), spec.stat_batch)]
-        sizes = [size for part in run_all(stat_sources, batches) for size in part]
-        plan = make_plan(selected, sizes, spec.limits)
+        plan = make_plan(selected, _source_sizes(selected, storage, spec, run_all), spec.limits)
         save_plan(plan, plan_uri, fingerprint, storage)
     else:
         log(f"reusing the shard plan in {plan_uri}")

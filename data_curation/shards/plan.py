@@ -56,7 +56,8 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     and the number of selected rows dropped for repeating an id (a sample key must be unique).
 
     The cluster columns are folded into one ``clusters`` list column (finest level first);
-    ``span_start``/``span_end`` are null for all rows of a manifest without them (older runs).
+    ``span_start``, ``span_end`` and ``bytes`` are null for all rows of a manifest without them
+    (older runs).
     """
     table = pq.read_table(io.BytesIO(manifest))
     missing = [c for c in (*_PLAN_COLUMNS, "selected") if c not in table.column_names]
@@ -67,7 +68,7 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     columns = [table[c].to_pylist() for c in levels]
     clusters = [list(row) for row in zip(*columns, strict=True)] if levels else [[]] * table.num_rows
     out = table.select(list(_PLAN_COLUMNS)).append_column("clusters", pa.array(clusters, pa.list_(pa.int64())))
-    for column in SPAN_COLUMNS:
+    for column in (*SPAN_COLUMNS, "bytes"):
         out = out.append_column(column, table[column] if column in table.column_names
                                 else pa.nulls(table.num_rows, pa.int64()))
     out = out.sort_by("id")
@@ -103,25 +104,19 @@ def _tar_member_sizes(tar_uri: str, storage: Storage) -> dict[str, int]:
         return {}
 
 
-def stat_sources(uris: list[str], storage: Storage | None = None,
-                 spans: list[Span | None] | None = None) -> list[int | None]:
-    """Each source's size in bytes, None for one that no longer exists.
+def stat_sources(uris: list[str], storage: Storage | None = None) -> list[int | None]:
+    """Each source's size in bytes, None for one that no longer exists; for the rows of a
+    manifest that has no ``bytes`` for them (one of a run from before curate kept them).
 
     Sizes come from one listing per folder (one LIST request per 1,000 objects on S3) and
-    one header scan per source tar, rather than one request per file. A tar member with a
-    span (``spans[i]``, from the manifest) is not looked up: its size is taken as its span's
-    (its data and header blocks), and if its tar has gone since, the writer counts it missing.
+    one header scan per source tar, rather than one request per file.
     """
     storage = storage or Storage()
-    spans = [None] * len(uris) if spans is None else spans
     folders: dict[str, tuple[Any, dict[str, int]]] = {}
     tars: dict[str, dict[str, int]] = {}
     sizes: list[int | None] = []
-    for uri, span in zip(uris, spans, strict=True):
+    for uri in uris:
         member = split_tar_member_uri(uri)
-        if member is not None and span is not None:
-            sizes.append(span[1] - span[0])
-            continue
         if member is not None:
             tar_uri, name = member
             if tar_uri not in tars:

@@ -24,7 +24,8 @@ class ShardConfig(Section):
     shards_per_task: int = Field(4, ge=1, json_schema_extra=EXECUTION,
                                  description="Shards written by one Ray task.")
     stat_batch: int = Field(2048, ge=1, json_schema_extra=EXECUTION,
-                            description="Source files sized by one Ray task while planning.")
+                            description="Source files sized by one Ray task while planning, for a manifest "
+                            "without file sizes (older runs; curate now records them).")
     upload_attempts: int = Field(5, ge=1, json_schema_extra=EXECUTION,
                                  description="Tries to upload a shard to S3 before giving up.")
     upload_backoff_s: float = Field(0.5, ge=0.0, json_schema_extra=EXECUTION,

@@ -32,13 +32,13 @@ class ImagePool:
 
 
 def make_pool(folder: str, n: int = 200, storage: Storage | None = None, side: int = 24,
-              packed: bool = False, spans: bool = False) -> ImagePool:
+              packed: bool = False, current: bool = False) -> ImagePool:
     """``n`` images under ``folder`` (local or s3://) and ``folder``/manifest.parquet.
 
     Every 10th image is left unselected, and one unreadable file is listed as rejected.
-    ``packed`` puts the images in ``folder``/images.tar instead, listed as tar member URIs,
-    and ``spans`` gives the manifest their spans in the tar, as curate writes them (without,
-    the manifest is one of a run from before curate kept spans).
+    ``packed`` puts the images in ``folder``/images.tar instead, listed as tar member URIs.
+    ``current`` gives the manifest the file sizes (``bytes``) and tar spans that curate writes
+    now; without, it is a manifest of a run from before curate kept them.
     """
     storage = storage or Storage()
     digits = load_builtin("digits")
@@ -67,7 +67,8 @@ def make_pool(folder: str, n: int = 200, storage: Storage | None = None, side: i
         rows.append({"id": sha, "uri": uri, "sha256": sha, "width": side, "height": side, "reject_reason": None,
                      "dup_group": i, "dup_kept": True, "dup_kind": None, "cluster_l1": label,
                      "cluster_l2": label // 5, "selected": selected,
-                     "selected_by": ("balanced" if i % 3 else "retrieval") if selected else None})
+                     "selected_by": ("balanced" if i % 3 else "retrieval") if selected else None,
+                     "size": len(data)})
         if selected:
             pool.source[sha], pool.uris[sha], pool.labels[sha] = data, uri, label
     schema = [("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
@@ -77,12 +78,19 @@ def make_pool(folder: str, n: int = 200, storage: Storage | None = None, side: i
     if tar is not None:
         tar.close()
         storage.write_bytes(tar_uri, packed_images.getvalue())
-        if spans:
+        if current:
             with tarfile.open(fileobj=io.BytesIO(packed_images.getvalue())) as written:
                 where = {tar_member_uri(tar_uri, m.name): (m.offset, m.offset_data + m.size) for m in written}
             for row in rows:
                 row["span_start"], row["span_end"] = where[row["uri"]]
             schema += [("span_start", pa.int64()), ("span_end", pa.int64())]
+    if current:
+        for row in rows:
+            row["bytes"] = row.pop("size")
+        schema.append(("bytes", pa.int64()))
+    else:
+        for row in rows:
+            del row["size"]
     bad_uri = Storage.join(folder, "images", "broken.jpg")
     storage.write_bytes(bad_uri, b"\xff\xd8\xff")
     rows.append({"id": hashlib.sha256(bad_uri.encode()).hexdigest(), "uri": bad_uri, "sha256": None, "width": None,

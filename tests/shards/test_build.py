@@ -158,6 +158,18 @@ def test_kill_during_writing_then_rerun_keeps_finished_shards(pool, tmp_path):
     assert verify_shards(str(shard_dir)).ok
 
 
+def test_a_manifest_with_file_sizes_plans_without_looking_the_sources_up(tmp_path):
+    pool = make_pool(str(tmp_path / "src"), n=30, current=True)
+    gone = sorted(pool.selected)[0]
+    Path(pool.uris[gone]).unlink()
+    spec = ShardSpec(prefix="t", limits=ShardLimits(samples=20, max_bytes=1 << 20, seed=0))
+    result = build_shards(pool.manifest_uri, str(tmp_path / "shard"), str(tmp_path / "work"), spec, **QUIET)
+    assert result.skipped["vanished_before_planning"] == 0 and result.skipped["missing"] == 1  # found by the writer
+    plan = pq.read_table(tmp_path / "work" / "plan.parquet").to_pylist()
+    assert len(plan) == len(pool.selected) and all(row["source_bytes"] == row["bytes"] for row in plan)
+    assert set(_tar_samples(str(tmp_path / "shard"))) == pool.selected - {gone}
+
+
 def test_vanished_and_changed_sources_are_skipped_and_counted(tmp_path):
     pool = make_pool(str(tmp_path / "src"), n=60)
     keys = sorted(pool.selected)
@@ -208,7 +220,7 @@ def test_sources_inside_a_tar_are_read_and_sized_from_it(tmp_path):
 
 
 def test_tar_sources_with_spans_in_the_manifest_are_read_alone(tmp_path):
-    pool = make_pool(str(tmp_path / "src"), n=40, packed=True, spans=True)
+    pool = make_pool(str(tmp_path / "src"), n=40, packed=True, current=True)
     manifest = pq.read_table(pool.manifest_uri).to_pylist()
     first = min((row for row in manifest if row["selected"]), key=lambda row: row["span_start"])
     shard_data = bytearray((tmp_path / "src" / "images.tar").read_bytes())
@@ -219,8 +231,8 @@ def test_tar_sources_with_spans_in_the_manifest_are_read_alone(tmp_path):
     result = build_shards(pool.manifest_uri, str(tmp_path / "shard"), str(tmp_path / "work"), spec, **QUIET)
     assert set(_tar_samples(str(tmp_path / "shard"))) == pool.selected - {first["id"]}
     assert result.skipped["unreadable"] == 1
-    plan = pq.read_table(tmp_path / "work" / "plan.parquet").to_pylist()  # sized from the spans, no tar read
-    assert all(row["source_bytes"] == row["span_end"] - row["span_start"] for row in plan)
+    plan = pq.read_table(tmp_path / "work" / "plan.parquet").to_pylist()  # sized by the manifest: a header
+    assert all(row["source_bytes"] == len(pool.source[row["id"]]) for row in plan)  # scan fails on this tar
 
 
 def test_a_repeated_id_in_the_manifest_is_written_once_and_counted(tmp_path):
