@@ -16,10 +16,10 @@ A source is one URI string:
 
 Listing is a generator: nothing holds the whole pool's names at once. A tar member's URI
 is fsspec's chained form ``tar://MEMBER::TAR_URI``. :func:`iter_listed` also gives each
-member of an uncompressed tar its byte span in the tar, which :func:`read_many` reads alone
-(a ranged GET on S3) instead of streaming the tar from its start up to the member; members
-without a span (gzipped tars, or a span that no longer matches the tar) are read in one pass
-over their tar.
+member of an uncompressed tar its byte span in the tar, by which :func:`read_many` reads it
+(a batch's consecutive members as one range: one ranged GET on S3) instead of streaming the
+tar from its start up to the member; members without a span (gzipped tars, or a span that no
+longer matches the tar) are read in one pass over their tar.
 
 Bad items met while listing are skipped and recorded in a :class:`ListingProblems`, never
 fatal: blank or malformed rows of a URI list (not UTF-8, or swallowing line breaks), tars
