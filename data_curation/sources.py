@@ -336,8 +336,9 @@ def read_many(uris: list[str], storage: Storage | None = None,
     Tar members with a span (``spans[i]``, from :func:`iter_listed`) are read by their spans,
     those of one tar that lie close together (a decode batch of consecutive members) as one
     range, all together with the batch's plain files (concurrent GETs on S3). A member whose
-    span does not hold it (the tar was rewritten since it was listed, or breaks there) and one
-    without a span are read in one pass over its tar with the other such members of that tar.
+    span does not hold it (the tar was rewritten or cut since it was listed, or breaks there)
+    and one without a span are read in one pass over its tar with the other such members of
+    that tar.
     """
     storage = storage or Storage()
     spans = [None] * len(uris) if spans is None else spans
@@ -364,8 +365,10 @@ def read_many(uris: list[str], storage: Storage | None = None,
     for (tar_uri, (start, _), members), data in zip(ranges, reads[len(plain):], strict=True):
         for i in members:
             name = split_tar_member_uri(uris[i])[1]
-            if not isinstance(data, bytes):
+            if isinstance(data, FileNotFoundError):  # the tar is gone
                 out[i] = data
+            elif isinstance(data, Exception):  # a range the tar no longer has (S3: 416), or the store's
+                by_tar[tar_uri][name].append(i)  # trouble: the pass over the tar tells them apart
             elif (member := _member_in_span(data[spans[i][0] - start:spans[i][1] - start], name)) is not None:
                 out[i] = member
             else:

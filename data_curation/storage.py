@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -448,8 +449,15 @@ class _FolderWalk:
         if entry["type"] == "file" or not self.local:
             return "file", None
         if entry.get("islink"):
-            if not os.path.isdir(name):
-                return "file", None  # a link to a file, or a broken link: its reader fails on it
+            try:
+                target = os.stat(name).st_mode
+            except OSError:
+                return "file", None  # a broken link: its reader fails on it
+            if stat.S_ISREG(target):
+                return "file", None
+            if not stat.S_ISDIR(target):
+                return "left out", (f"{self._name(name)} links to {os.path.realpath(name)}, neither a file nor a "
+                                    f"folder (a FIFO, a socket or a device): not listed")
             if os.path.realpath(name) not in here:
                 return "folder", None
             return "left out", (f"folder {self._name(name)} links to {os.path.realpath(name)}, a folder it is in "

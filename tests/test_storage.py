@@ -124,11 +124,15 @@ def test_a_local_walk_follows_symlinks_and_reports_loops_and_special_files(tmp_p
     (root / "broken.png").symlink_to(tmp_path / "never-was.png")  # listed: its reader fails on it
     (root / "sub" / "back").symlink_to(root)  # a loop
     os.mkfifo(root / "sub" / "fifo.png")
+    (root / "sub" / "fifo-link.png").symlink_to(root / "sub" / "fifo.png")
+    (root / "sub" / "zeros.png").symlink_to("/dev/zero")  # read to the end, it never ends
     skipped: list[str] = []
     walked = list(Storage().walk_files(str(root), skipped=skipped.append))
     assert walked == [str(root / n) for n in ("a-link.png", "a.png", "broken.png", "linked/deep/c.png")]
+    neither = "neither a file nor a folder (a FIFO, a socket or a device): not listed"
     assert skipped == [f"folder {root}/sub/back links to {root}, a folder it is in (a symlink loop): not walked",
-                       f"{root}/sub/fifo.png is neither a file nor a folder (a FIFO, a socket or a device): not listed"]
+                       f"{root}/sub/fifo-link.png links to {root}/sub/fifo.png, {neither}",
+                       f"{root}/sub/fifo.png is {neither}", f"{root}/sub/zeros.png links to /dev/zero, {neither}"]
     assert list(Storage().walk_files(str(root), after=str(root / "broken.png"))) == [str(root / "linked/deep/c.png")]
 
 

@@ -114,8 +114,26 @@ def test_tar_members_with_a_listed_span_are_read_alone(tmp_path, remote, request
     write_tar(local, {f"k{i}.png": encode(rgb(seed=i), "PNG") for i in (3, 2, 1, 0)})
     storage.write_bytes(shard, local.read_bytes())
     assert read_many(uris, storage, spans) == members
+    # Cut after its first member: spans past the end (S3 answers 416) are the tar's damage, not the store's
+    write_tar(local, {f"k{i}.png": encode(rgb(seed=i), "PNG") for i in range(4)})
+    storage.write_bytes(shard, local.read_bytes()[:offsets[1]])
+    got = read_many(uris, storage, spans)
+    assert got[0] == members[0] and not any(isinstance(g, bytes | StorageError) for g in got[1:]), got
     storage.rm(shard)
     assert all(isinstance(got, FileNotFoundError) for got in read_many(uris, storage, spans))
+
+
+def test_spans_past_the_end_of_a_cut_tar_are_its_damage_not_the_stores_on_aws_like_s3(moto_bucket, tmp_path):
+    """AWS S3 (and moto) answer a range past an object's end with 416 InvalidRange, which is no
+    store outage: the members are read in a pass over the tar, which tells what it holds."""
+    client, bucket, storage = moto_bucket
+    offsets = write_tar(tmp_path / "shard.tar", {f"k{i}.png": encode(rgb(seed=i), "PNG") for i in range(3)})
+    data = (tmp_path / "shard.tar").read_bytes()
+    client.put_object(Bucket=bucket, Key="shard.tar", Body=data)
+    listed = list(iter_listed([f"s3://{bucket}/shard.tar"], storage))
+    client.put_object(Bucket=bucket, Key="shard.tar", Body=data[:offsets[1]])  # cut after its first member
+    got = read_many([item.uri for item in listed[1:]], storage, [item.span for item in listed[1:]])  # a later batch
+    assert all(isinstance(g, FileNotFoundError) for g in got), got  # not in the tar any more
 
 
 def test_member_spans_close_together_are_read_as_one_range():
