@@ -49,7 +49,7 @@ def _strings(values) -> pa.Array:
 
 
 SPAN_COLUMNS = ("span_start", "span_end")  # a tar member's byte span in its tar (sources.Listed.span)
-_LATER_COLUMNS = (*SPAN_COLUMNS, "bytes")  # int64 columns that chunks of older runs lack
+LATER_COLUMNS = (*SPAN_COLUMNS, "bytes")  # int64 columns that chunks, manifests and plans of older runs lack
 
 
 def meta_table(rows: dict[str, np.ndarray]) -> pa.Table:
@@ -66,18 +66,19 @@ def meta_table(rows: dict[str, np.ndarray]) -> pa.Table:
         "height": pa.array(height, pa.int32(), mask=height < 0),
         "reject_reason": _strings(rows["reject_reason"]),
     })
-    for column in _LATER_COLUMNS:
+    for column in LATER_COLUMNS:
         values = np.asarray(rows.get(column, np.full(table.num_rows, -1)), dtype=np.int64)
         table = table.append_column(column, pa.array(values, pa.int64(), mask=values < 0))
     return table
 
 
-def _with_later_columns(meta: pa.Table) -> pa.Table:
-    """``meta`` with null columns for those it lacks (a chunk written before they were kept)."""
-    for column in _LATER_COLUMNS:
-        if column not in meta.column_names:
-            meta = meta.append_column(column, pa.nulls(meta.num_rows, pa.int64()))
-    return meta
+def with_later_columns(table: pa.Table) -> pa.Table:
+    """``table`` with null :data:`LATER_COLUMNS` where it lacks them (a chunk, manifest or shard
+    plan written before they were kept)."""
+    for column in LATER_COLUMNS:
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.int64()))
+    return table
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -134,7 +135,7 @@ class ChunkStore:
 
     def read(self, index: int) -> Chunk:
         base = Storage.join(self.root, chunk_name(index))
-        meta = _with_later_columns(pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet"))))
+        meta = with_later_columns(pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet"))))
         embedding = np.load(self._local(f"{base}.embedding.npy"), mmap_mode="r")
         copy = np.load(self._local(f"{base}.copy.npy"), mmap_mode="r")
         return Chunk(index, meta, embedding, copy)

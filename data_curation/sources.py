@@ -344,13 +344,16 @@ def read_many(uris: list[str], storage: Storage | None = None,
     spans = [None] * len(uris) if spans is None else spans
     out: list[bytes | Exception] = [OSError("not read")] * len(uris)
     plain: list[int] = []
+    members_of: dict[int, str] = {}  # index -> member name, for tar members
     ranged: dict[str, list[int]] = defaultdict(list)
     by_tar: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, uri in enumerate(uris):
         parts = split_tar_member_uri(uri)
         if parts is None:
             plain.append(i)
-        elif spans[i] is not None:
+            continue
+        members_of[i] = parts[1]
+        if spans[i] is not None:
             ranged[parts[0]].append(i)
         else:
             by_tar[parts[0]][parts[1]].append(i)
@@ -364,15 +367,14 @@ def read_many(uris: list[str], storage: Storage | None = None,
                    if isinstance(data, bytes)]
     for (tar_uri, (start, _), members), data in zip(ranges, reads[len(plain):], strict=True):
         for i in members:
-            name = split_tar_member_uri(uris[i])[1]
             if isinstance(data, FileNotFoundError):  # the tar is gone
                 out[i] = data
-            elif isinstance(data, Exception):  # a range the tar no longer has (S3: 416), or the store's
-                by_tar[tar_uri][name].append(i)  # trouble: the pass over the tar tells them apart
-            elif (member := _member_in_span(data[spans[i][0] - start:spans[i][1] - start], name)) is not None:
+            elif isinstance(data, bytes) and (member := _member_in_span(
+                    data[spans[i][0] - start:spans[i][1] - start], members_of[i])) is not None:
                 out[i] = member
-            else:
-                by_tar[tar_uri][name].append(i)
+            else:  # not in its span any more, or a range the tar no longer has (S3: 416) or the
+                # store's trouble: the pass over the tar tells these apart
+                by_tar[tar_uri][members_of[i]].append(i)
     failed: dict[str, Exception] = {}
     for tar_uri, members in by_tar.items():
         if (exc := _read_tar_members(tar_uri, members, storage, out)) is not None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_curation.embedding_store import SPAN_COLUMNS
+from data_curation.embedding_store import LATER_COLUMNS, SPAN_COLUMNS, with_later_columns
 from data_curation.sources import Span, split_tar_member_uri
 from data_curation.storage import Storage
 
@@ -59,7 +59,7 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     ``span_start``, ``span_end`` and ``bytes`` are null for all rows of a manifest without them
     (older runs).
     """
-    table = pq.read_table(io.BytesIO(manifest))
+    table = with_later_columns(pq.read_table(io.BytesIO(manifest)))
     missing = [c for c in (*_PLAN_COLUMNS, "selected") if c not in table.column_names]
     if missing:
         raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)}")
@@ -68,9 +68,8 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     columns = [table[c].to_pylist() for c in levels]
     clusters = [list(row) for row in zip(*columns, strict=True)] if levels else [[]] * table.num_rows
     out = table.select(list(_PLAN_COLUMNS)).append_column("clusters", pa.array(clusters, pa.list_(pa.int64())))
-    for column in (*SPAN_COLUMNS, "bytes"):
-        out = out.append_column(column, table[column] if column in table.column_names
-                                else pa.nulls(table.num_rows, pa.int64()))
+    for column in LATER_COLUMNS:
+        out = out.append_column(column, table[column])
     out = out.sort_by("id")
     ids = out["id"].to_pylist()
     first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
@@ -78,10 +77,8 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
 
 
 def plan_spans(table: pa.Table) -> list[Span | None]:
-    """The tar spans of the rows of a table from :func:`read_selected` (a plan too), None for
-    none; all None for a plan saved before plans kept spans."""
-    if any(column not in table.column_names for column in SPAN_COLUMNS):
-        return [None] * table.num_rows
+    """The tar spans of the rows of a table from :func:`read_selected` or :func:`load_plan`,
+    None for none."""
     starts, ends = (table[column].to_pylist() for column in SPAN_COLUMNS)
     return [None if start is None else (start, end) for start, end in zip(starts, ends, strict=True)]
 
@@ -202,4 +199,4 @@ def load_plan(uri: str, fingerprint: str, storage: Storage | None = None) -> pa.
         return None
     plan = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     stored = (plan.schema.metadata or {}).get(b"vfm_plan_fingerprint", b"").decode()
-    return plan if stored == fingerprint else None
+    return with_later_columns(plan) if stored == fingerprint else None

@@ -65,7 +65,7 @@ def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: D
     rows = decode_rows([str(u) for u in batch["uri"]], Storage(storage_options), limits,
                        build_preparer(embedder, image_size), shape, spans)
     for column in SPAN_COLUMNS:  # kept with the chunk, for the manifest and the shard stage's reads
-        rows[column] = np.asarray(batch[column], dtype=np.int64) if spans else np.full(len(rows["uri"]), -1, np.int64)
+        rows[column] = np.asarray(batch[column] if column in batch else np.full(len(rows["uri"]), -1), dtype=np.int64)
     rows["chunk"] = np.asarray(batch["chunk"], dtype=np.int64)
     rows["row"] = np.asarray(batch["row"], dtype=np.int64)
     return rows
