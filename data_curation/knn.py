@@ -79,8 +79,15 @@ class RowSet:
 
 
 def faiss_gpu_count() -> int:
+    """GPUs this process's faiss can use (0 for a CPU build, or where none is visible)."""
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
+
+
+def faiss_has_gpu_support() -> bool:
+    """Whether faiss was built with GPU support (faiss-gpu), whatever GPUs this process sees:
+    a driver on a CPU head node sees none, the GPU workers of its cluster do."""
+    return hasattr(faiss, "StandardGpuResources")
 
 
 def build_ip_index(base: RowSet | np.ndarray, seed: int = 0) -> faiss.Index:

@@ -7,8 +7,8 @@ A dataset is named by one string:
 - a folder, local or ``s3://``, laid out ImageFolder-style (one sub-folder per class). When
   it holds ``train/`` and ``test/`` (or ``val/``) folders, those are the splits; otherwise
   the split is drawn per class with the seed;
-- WebDataset shards with a ``cls`` field: one ``.tar``, a brace pattern
-  (``shards-{000..009}.tar``), or a folder of ``.tar`` files.
+- WebDataset shards with a ``cls`` field: one ``.tar`` (``.tar.gz``, ``.tgz``), a brace pattern
+  (``shards-{000..009}.tar``), or a folder of such files.
 
 The split is drawn on the list of items before any image is decoded, so ``max_train`` /
 ``max_test`` keep large sets cheap. Bad items (undecodable files, samples without ``cls``,
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_curation.builtin import load_builtin
-from data_curation.sources import IMAGE_EXTENSIONS
+from data_curation.sources import has_image_extension, has_tar_extension
 from data_curation.storage import Storage, StorageError
 
 _TEST_SPLIT_NAMES = ("test", "val")
@@ -111,7 +111,7 @@ def _imagefolder_items(root: str, storage: Storage, seed: int, test_fraction: fl
     if not storage.exists(root):
         raise DatasetError(f"dataset {root}: no such folder")
     if not storage.isdir(root):
-        raise DatasetError(f"dataset {root}: not a folder, a .tar shard or a builtin: name")
+        raise DatasetError(f"dataset {root}: not a folder, a .tar (.tar.gz, .tgz) shard or a builtin: name")
     top = {posixpath.basename(u.rstrip("/")): u for u in storage.ls(root) if storage.isdir(u)}
     test_name = next((n for n in _TEST_SPLIT_NAMES if n in top), None)
     if "train" in top and test_name is not None:
@@ -138,7 +138,7 @@ def _class_files(root: str, storage: Storage, skipped: Counter[str]) -> dict[str
     for uri in storage.walk_files(root, skipped=lambda line: skipped.update([line])):
         rel = uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri)
         parts = rel.split("/")
-        if not rel.lower().endswith(IMAGE_EXTENSIONS):
+        if not has_image_extension(rel):
             skipped["not an image file"] += 1
         elif len(parts) < 2:
             skipped["image outside a class folder"] += 1
@@ -165,11 +165,11 @@ def _fetch(uris: list[str], storage: Storage, spec: str) -> list[bytes | None]:
 
 
 def _looks_like_webdataset(spec: str, storage: Storage) -> bool:
-    if spec.endswith(".tar") or "{" in spec:
+    if has_tar_extension(spec) or "{" in spec:
         return True
     if storage.exists(spec) and storage.isdir(spec):
         entries = storage.ls(spec)
-        return bool(entries) and all(e.endswith(".tar") or posixpath.basename(e).startswith(".")
+        return bool(entries) and all(has_tar_extension(e) or posixpath.basename(e).startswith(".")
                                      for e in entries)
     return False
 
@@ -179,10 +179,10 @@ def _shard_uris(spec: str, storage: Storage) -> list[str]:
         from braceexpand import braceexpand
 
         uris = list(braceexpand(spec))
-    elif spec.endswith(".tar"):
+    elif has_tar_extension(spec):
         uris = [spec]
     else:
-        uris = [u for u in storage.ls(spec) if u.endswith(".tar")]
+        uris = [u for u in storage.ls(spec) if has_tar_extension(u)]
     missing = [u for u in uris if not storage.exists(u)]
     if missing:
         raise DatasetError(f"dataset {spec}: shard {missing[0]} does not exist"
@@ -196,7 +196,7 @@ def _webdataset_items(spec: str, storage: Storage, seed: int, test_fraction: flo
     cls_values: list[int] = []
     for uri in _shard_uris(spec, storage):
         for sample in _read_shard(uri, storage, skipped):
-            image_key = next((k for k in sample if ("." + k).endswith(IMAGE_EXTENSIONS)), None)
+            image_key = next((k for k in sample if has_image_extension("." + k)), None)
             if image_key is None:
                 skipped["sample without an image"] += 1
                 continue

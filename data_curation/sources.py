@@ -140,6 +140,10 @@ def has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def has_tar_extension(name: str) -> bool:
+    return name.lower().endswith(TAR_EXTENSIONS)
+
+
 def looks_like_image(head: bytes) -> bool:
     """True when ``head`` (a file's first bytes) starts like an image Pillow reads."""
     if (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[4:12] in _AVIF_BRANDS:
@@ -210,7 +214,7 @@ def _items(source: str, storage: Storage, sniff: bool, uri_column: str, problems
         if not storage.exists(source):
             raise SourceError(f"source list {source} does not exist")
         yield from ((Listed(uri), None) for uri in _iter_uri_list(source, storage, uri_column, problems))
-    elif lower.endswith(TAR_EXTENSIONS):
+    elif has_tar_extension(source):
         if not storage.exists(source):
             raise SourceError(f"source tar {source} does not exist")
         yield from ((item, None) for item in _iter_tar(source, storage, problems))
@@ -227,7 +231,7 @@ def _folder_items(root: str, storage: Storage, sniff: bool, problems: ListingPro
                   after: str | None) -> Iterator[_Item]:
     for uri in storage.walk_files(root, after=after, skipped=problems.skipped_paths.append):
         name = posixpath.basename(uri)
-        if name.lower().endswith(TAR_EXTENSIONS):
+        if has_tar_extension(name):
             yield from ((member, None) for member in _iter_tar(uri, storage, problems))
             yield None, uri
         elif has_image_extension(name) or (sniff and _sniff(uri, storage)):

@@ -125,9 +125,10 @@ def check_resources(requests: dict[str, Resources]) -> None:
         cpus, gpus = request.cpus, request.gpus
         if cpus > node["CPU"] or gpus > node["GPU"]:
             raise RayError(
-                f"stage {stage} needs {cpus:g} CPUs and {gpus:g} GPUs in one task, but the largest node of the "
-                f"Ray cluster has {node['CPU']:g} CPUs and {node['GPU']:g} GPUs; lower the stage's resources "
-                "in the config or add bigger nodes")
+                f"stage {stage} needs {cpus:g} CPUs and {gpus:g} GPUs in one task"
+                + (f" ({request.asked_by})" if request.asked_by else "")
+                + f", but the largest node of the Ray cluster has {node['CPU']:g} CPUs and {node['GPU']:g} GPUs; "
+                "lower the stage's resources in the config or add bigger nodes")
         if request.held_cpus + 1 > total_cpus or request.held_gpus > total_gpus:
             raise RayError(
                 f"stage {stage} holds {request.held_cpus:g} CPUs and {request.held_gpus:g} GPUs for its whole run "

@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 class Resources:
     """What a stage asks of Ray: its largest single request (one task or actor), and what it
     holds for its whole run beside its tasks (an actor pool), which the cluster must fit with
-    at least one CPU to spare for those tasks. ``held_by`` names the config keys behind the
-    held part, for the error when it does not fit."""
+    at least one CPU to spare for those tasks. ``asked_by`` and ``held_by`` name the config
+    keys behind each part, for the error when it does not fit."""
 
     cpus: float = 1.0
     gpus: float = 0.0
+    asked_by: str = ""
     held_cpus: float = 0.0
     held_gpus: float = 0.0
     held_by: str = ""

@@ -103,6 +103,25 @@ def test_gpu_embedding_actors_on_a_cpu_cluster_are_one_line(tmp_path):
     assert "stage curate needs 1 CPUs and 1 GPUs in one task" in line and "0 GPUs" in line
 
 
+def test_gpu_assignment_tasks_on_a_cpu_cluster_are_one_line(tmp_path):
+    line = one_error_line(vfm("run", "-c", "smoke", "--set", "curate.cluster.assign_gpus=1", cwd=tmp_path))
+    assert "stage curate needs 1 CPUs and 1 GPUs in one task (curate.cluster.assign_gpus=1)" in line
+
+
+def test_assignment_tasks_that_reserve_a_gpu_run_and_say_so(tmp_path):
+    """Ray gives a task that reserves a GPU CUDA_VISIBLE_DEVICES=0; on this GPU-less machine (a
+    declared GPU) faiss-cpu still assigns every kept image."""
+    out = vfm("run", "-c", "smoke", "--only", "curate", "--set", "ray.num_gpus=1", "--set",
+              "curate.cluster.assign_gpus=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"level-1 assignment: \d+ chunk tasks?, 1 GPU each", out.stdout + out.stderr)
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(tmp_path / "runs" / "smoke" / "curate" / "manifest.parquet").to_pylist()
+    kept = [row for row in manifest if row["dup_kept"]]
+    assert kept and all(row["cluster_l1"] is not None and row["cluster_l1"] >= 0 for row in kept)
+
+
 def test_plan_prints_the_7b_parameter_count(tmp_path):
     out = vfm("plan", "-c", "vit7b", "--json", "--nodes", "4", "--gpus-per-node", "8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

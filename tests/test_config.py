@@ -126,7 +126,7 @@ def test_settings_that_only_decide_how_work_runs_leave_the_fingerprints_alone(tm
 
     before = fingerprints()
     how = ["curate.embed.batch_size=7", "curate.embed.actors=3", "curate.embed.cpus_per_actor=2",
-           "curate.embed.gpus_per_actor=1", "shard.shards_per_task=9", "shard.stat_batch=5",
+           "curate.embed.gpus_per_actor=1", "curate.cluster.assign_gpus=1", "shard.shards_per_task=9", "shard.stat_batch=5",
            "shard.upload_attempts=2", "shard.upload_backoff_s=3", "evaluate.batch_size=8", "evaluate.device=cpu",
            "evaluate.threads=1"]
     assert fingerprints(*how) == before

@@ -67,6 +67,11 @@ class ClusterConfig(Section):
     max_points_per_centroid: int = Field(256, ge=1, description="Level 1 trains on at most this many points "
                                          "per centroid, drawn uniformly; every point is then assigned.")
     init_points_per_centroid: int = Field(8, ge=1, description="k-means++ seeds from this many points per centroid.")
+    assign_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", json_schema_extra=EXECUTION,
+        description="GPUs each level-1 assignment task (one embedding chunk against the broadcast level-1 "
+        "centroids, with faiss) reserves; auto: 1 when faiss has GPU support (faiss-gpu) and the Ray cluster "
+        "has a GPU, else 0 (faiss on CPU). Ray hides the GPUs from a task that reserves none.")
 
     @field_validator("levels")
     @classmethod

@@ -28,7 +28,7 @@ from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
-from data_curation.knn import RowSet
+from data_curation.knn import RowSet, faiss_has_gpu_support
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
@@ -72,6 +72,16 @@ def embedding_pool(embed, gpus_in_cluster: Callable[[], float]) -> tuple[int, fl
     if actors == "auto":
         actors = max(1, int(gpus_in_cluster() // gpus)) if gpus > 0 else 1
     return int(actors), float(gpus)
+
+
+def assign_task_gpus(cluster, gpus_in_cluster: Callable[[], float],
+                     gpu_faiss: Callable[[], bool] = faiss_has_gpu_support) -> float:
+    """GPUs of each level-1 assignment task, with ``auto`` resolved: one when faiss has GPU
+    support (``gpu_faiss()``) and the cluster a GPU (``gpus_in_cluster()``, asked only then),
+    else none."""
+    if cluster.assign_gpus != "auto":
+        return float(cluster.assign_gpus)
+    return 1.0 if gpu_faiss() and gpus_in_cluster() >= 1 else 0.0
 
 
 def decode_limits(cfg) -> DecodeLimits:
@@ -219,7 +229,10 @@ class CurateStage(Stage):
     def resources(self, config) -> Resources:
         embed = config.curate.embed
         actors, gpus = embedding_pool(embed, cluster_gpus)
-        return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=gpus,
+        assign_gpus = assign_task_gpus(config.curate.cluster, cluster_gpus)
+        asked_by = (f"curate.cluster.assign_gpus={assign_gpus:g}" if assign_gpus > gpus
+                    else f"curate.embed.cpus_per_actor={embed.cpus_per_actor:g}, gpus_per_actor={gpus:g}")
+        return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=max(gpus, assign_gpus), asked_by=asked_by,
                          held_cpus=actors * embed.cpus_per_actor, held_gpus=actors * gpus,
                          held_by=f"curate.embed.actors={actors} x cpus_per_actor={embed.cpus_per_actor:g}, "
                                  f"gpus_per_actor={gpus:g}")
@@ -356,7 +369,11 @@ class CurateStage(Stage):
         train = RowSet([c.embedding for c in chunks]).take(train_rows)  # (n_train, D), only the sample in RAM
         hierarchy = fit_hierarchy(train, params)
         ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}")
-        assigned = assign_chunks(store, [c.index for c in chunks], hierarchy.centroids[0], ctx.cache_dir / "assign")
+        gpus = assign_task_gpus(cfg.cluster, cluster_gpus)
+        ctx.log(f"level-1 assignment: {len(chunks)} chunk task{'s' * (len(chunks) != 1)}"
+                + (f", {gpus:g} GPU each" if gpus else " on CPU"))
+        assigned = assign_chunks(store, [c.index for c in chunks], hierarchy.centroids[0], ctx.cache_dir / "assign",
+                                 gpus=gpus)
         labels = np.concatenate([assigned[c.index][0] for c in chunks])[kept]
         distance = np.concatenate([assigned[c.index][1] for c in chunks])[kept]
         return hierarchy, labels, distance

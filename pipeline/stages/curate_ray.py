@@ -148,12 +148,13 @@ def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options
 
 
 def assign_chunks(store: ChunkStore, chunk_indices: list[int], centroids: np.ndarray,
-                  cache_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Level-1 (labels, squared distances) of every accepted row of each chunk."""
+                  cache_dir: Path, gpus: float = 0.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Level-1 (labels, squared distances) of every accepted row of each chunk, one Ray task
+    per chunk reserving ``gpus`` (faiss searches on the GPUs it sees: none without one)."""
     _quiet_data_context()
     ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
     ds = ray.data.from_items([{"chunk": int(i)} for i in chunk_indices])
-    ds = ds.map_batches(_assign_batch, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_assign_batch, batch_size=1, batch_format="numpy", num_gpus=gpus or None,
                         fn_kwargs={"store_root": store.root, "storage_options": store.storage.s3,
                                    "cache_dir": str(cache_dir), "centroids_ref": [ref]})
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)

@@ -20,8 +20,8 @@ from data_curation.storage import Storage, StorageError
 from orchestration.engine import StageFailed
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
-from pipeline.config.curate import CurateConfig, EmbedConfig
-from pipeline.stages.curate import CurateStage, embedding_pool, write_listing
+from pipeline.config.curate import ClusterConfig, CurateConfig, EmbedConfig
+from pipeline.stages.curate import CurateStage, assign_task_gpus, embedding_pool, write_listing
 from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
 
@@ -154,6 +154,18 @@ def test_the_embedding_pool_takes_one_gpu_actor_per_gpu_for_a_backbone_and_one_c
     assert embedding_pool(backbone.model_copy(update={"gpus_per_actor": 0.0}), never) == (1, 0.0)
     # asked for GPUs on a CPU cluster: one actor, which the engine's resource check then refuses in one line
     assert embedding_pool(auto.model_copy(update={"gpus_per_actor": 1.0}), gpus(0)) == (1, 1.0)
+
+
+def test_assignment_tasks_take_a_gpu_when_faiss_and_the_cluster_have_one():
+    def never() -> float:
+        raise AssertionError("the cluster was asked for its GPUs")
+
+    auto = ClusterConfig()
+    assert assign_task_gpus(auto, lambda: 8, gpu_faiss=lambda: True) == 1.0
+    assert assign_task_gpus(auto, lambda: 0, gpu_faiss=lambda: True) == 0.0
+    assert assign_task_gpus(auto, never, gpu_faiss=lambda: False) == 0.0  # faiss-cpu: no question
+    assert assign_task_gpus(auto, never) == 0.0  # this machine's faiss is a CPU build
+    assert assign_task_gpus(auto.model_copy(update={"assign_gpus": 0.5}), never) == 0.5
 
 
 def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(ray_session, tmp_path):

@@ -1,4 +1,5 @@
 """Labelled datasets: seeded splits, ImageFolder (local and S3), WebDataset shards, and bad input."""
+import gzip
 import io
 import tarfile
 
@@ -120,6 +121,19 @@ def test_webdataset_shards_with_cls(tmp_path):
     assert np.array_equal(by_folder.test.labels, by_pattern.test.labels)
     one = load_labelled(str(folder / "shard-000.tar"))
     assert len(one.train) + len(one.test) == 10
+
+
+def test_gzipped_webdataset_shards_and_upper_case_extensions(tmp_path):
+    rng = np.random.default_rng(5)
+    samples = [(f"k{i:03d}", {"PNG": png_bytes(rng.integers(0, 256, (6, 6), dtype=np.uint8)),
+                              "cls": str(i % 2).encode()}) for i in range(8)]
+    write_shard(tmp_path / "plain.tar", samples)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "shard-000.TGZ").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    for spec in (str(folder), str(folder / "shard-000.TGZ")):
+        d = load_labelled(spec)
+        assert d.classes == ["0", "1"] and len(d.train) + len(d.test) == 8 and not d.skipped
 
 
 def test_image_folder_on_s3(s3):
