@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from data_curation.knn import RowSet, build_ip_index, search_blocks
+from data_curation.knn import RowSet, build_ip_index, return_freed_memory, search_blocks
 
 
 @dataclass(frozen=True)
@@ -26,21 +27,46 @@ class DedupResult:
 
     @property
     def n_exact(self) -> int:
-        return int(sum(k == "exact" for k in self.kind))
+        return int((self.kind == "exact").sum())
 
     @property
     def n_near(self) -> int:
-        return int(sum(k == "near" for k in self.kind))
+        return int((self.kind == "near").sum())
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def sha256_digests(hex_digests: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N,) 32-byte values (numpy ``V32``) from N sha256 hex strings: 32 bytes an image, no
+    Python object each, as :func:`deduplicate` compares them."""
+    strings = pa.chunked_array([hex_digests]) if isinstance(hex_digests, pa.Array) else hex_digests
+    parts = []
+    for chunk in strings.chunks:
+        chunk = chunk.cast(pa.large_string())  # 64-bit offsets: one buffer of any size
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        if chunk.null_count or np.any(np.diff(offsets) != 64):
+            raise ValueError("sha256 digests must be 64 hex digits each, with no nulls")
+        text = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 32, 2)
+        nibbles = _HEX[text]
+        if np.any(nibbles == 255):
+            raise ValueError("sha256 digests must be hex digits only")
+        parts.append((nibbles[:, :, 0] << 4) | nibbles[:, :, 1])
+    digests = np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
+    return np.ascontiguousarray(digests).view("V32").ravel()
 
 
 def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray, threshold: float = 0.99,
                 k: int = 16) -> DedupResult:
     """Group rows that are byte-identical or whose descriptors are more similar than ``threshold``.
 
+    ``sha256`` holds one comparable value per row (hex strings, or :func:`sha256_digests`);
     ``descriptors`` is (N, D) float32 with unit-norm rows (zero rows never match anything),
     an array or the rows of memory-mapped chunks.
     """
-    sha = np.asarray(sha256, dtype=object)
+    sha = np.asarray(sha256)
     n = len(sha)
     if n == 0:
         return DedupResult(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, object))
@@ -60,6 +86,7 @@ def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray
         src.append(np.broadcast_to(rows, edge.shape)[edge])
         dst.append(neighbours[edge])
     del index
+    return_freed_memory()
     src, dst = np.concatenate(src), np.concatenate(dst)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(m, m))
     _count, component = connected_components(graph, directed=False)

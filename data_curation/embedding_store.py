@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,12 +134,21 @@ class ChunkStore:
             self.storage.get_file(uri, local)
         return str(local)
 
-    def read(self, index: int) -> Chunk:
+    def read_meta(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """Chunk ``index``'s metadata: every column (those of older chunks included, see
+        :func:`with_later_columns`), or only ``columns`` (``()``: none, the row count alone)."""
+        data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
+        if columns is not None:
+            return pq.read_table(data, columns=list(columns))
+        return with_later_columns(pq.read_table(data))
+
+    def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
+        """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`) and its mapped vectors."""
         base = Storage.join(self.root, chunk_name(index))
-        meta = with_later_columns(pq.read_table(io.BytesIO(self.storage.read_bytes(f"{base}.parquet"))))
+        meta = self.read_meta(index, columns)
         embedding = np.load(self._local(f"{base}.embedding.npy"), mmap_mode="r")
         copy = np.load(self._local(f"{base}.copy.npy"), mmap_mode="r")
         return Chunk(index, meta, embedding, copy)
 
-    def read_all(self, indices: list[int]) -> list[Chunk]:
-        return [self.read(i) for i in sorted(indices)]
+    def read_all(self, indices: list[int], columns: Sequence[str] | None = None) -> list[Chunk]:
+        return [self.read(i, columns) for i in sorted(indices)]

@@ -9,6 +9,7 @@ later steps are deterministic under the run seed and cheap beside embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_curation.decode import REJECT_REASONS, DecodeLimits
-from data_curation.dedup import deduplicate
+from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
@@ -51,6 +53,7 @@ MANIFEST_FILE = "manifest.parquet"
 DEMO_SOURCE = "demo:"
 _LISTING_DONE = "_DONE.json"
 _LISTING_CURSOR = "vfm.listing"  # Parquet metadata key of a listing chunk: where the listing stood
+_MANIFEST_ROW_GROUP = 1 << 17  # manifest rows per Parquet row group (a few chunks' worth)
 _LISTING_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
 
 
@@ -185,6 +188,25 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
     return {}, ListingCursor()
 
 
+def _pool_facts(store: ChunkStore, chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(accepted (N,) bool over the listed images, the accepted images' sha256 digests (see
+    :func:`sha256_digests`), rejected images by reason), from each chunk's metadata in turn."""
+    rejected = dict.fromkeys(REJECT_REASONS, 0)
+    if not chunks:
+        return np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
+    accepted, digests = [], []
+    for chunk in chunks:
+        meta = store.read_meta(chunk.index, ("reject_reason", "sha256"))
+        reasons = meta.column("reject_reason")
+        ok = pc.is_null(reasons).to_numpy()
+        accepted.append(ok)
+        digests.append(sha256_digests(meta.column("sha256").filter(pa.array(ok))))
+        for entry in pc.value_counts(reasons).to_pylist():
+            if entry["values"] in rejected:
+                rejected[entry["values"]] += int(entry["counts"])
+    return np.concatenate(accepted), np.concatenate(digests), rejected
+
+
 def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:
     lines = problems.lines()
     for line in lines[:shown]:
@@ -266,15 +288,15 @@ class CurateStage(Stage):
                      actors=actors, cpus_per_actor=cfg.embed.cpus_per_actor, gpus_per_actor=gpus,
                      on_chunk=_embedding_progress(ctx, {i: rows_per_chunk[i] for i in todo}))
 
-        chunks = store.read_all(sorted(rows_per_chunk))
-        meta = pa.concat_tables([c.meta for c in chunks]) if chunks else None
-        if meta is None or meta.num_rows == 0:
+        # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
+        # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
+        chunks = store.read_all(sorted(rows_per_chunk), columns=())
+        accepted, digests, rejected = _pool_facts(store, chunks)
+        n = len(accepted)
+        if n == 0:
             skipped = "; ".join(problems.lines())
             raise ValueError(f"no images found in curate.sources {cfg.sources}" + (f" ({skipped})" if skipped else ""))
-        reasons = np.asarray(meta.column("reject_reason").to_pylist(), dtype=object)
-        accepted_rows = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise None test)
-        n = meta.num_rows
-        rejected = {reason: int((reasons == reason).sum()) for reason in REJECT_REASONS}
+        accepted_rows = np.flatnonzero(accepted)
         reasons_seen = ", ".join(f"{reason} {count}" for reason, count in rejected.items() if count)
         if len(accepted_rows) == 0:  # nothing worth keeping: the next attempt reads the fixed sources anew
             store.clear()
@@ -282,7 +304,8 @@ class CurateStage(Stage):
             raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; "
                              f"rejected: {reasons_seen}")
 
-        dedup = self._dedup(cfg, chunks, meta, accepted_rows)
+        dedup = self._dedup(cfg, chunks, digests)
+        del digests
         kept_rows = accepted_rows[dedup.kept]
         ctx.log(f"{len(accepted_rows)} accepted, {n - len(accepted_rows)} rejected"
                 + (f" ({reasons_seen})" if reasons_seen else "")
@@ -315,10 +338,7 @@ class CurateStage(Stage):
         dup_kind[accepted_rows] = dedup.kind
         clusters = np.full((n, hierarchy.n_levels), -1, dtype=np.int64)
         clusters[kept_rows] = levels
-        manifest = build_manifest(meta, dup_group, dup_kept, dup_kind, clusters, selected_by)
-        buf = io.BytesIO()
-        pq.write_table(manifest, buf)
-        storage.write_bytes(Storage.join(ctx.dir, MANIFEST_FILE), buf.getvalue())
+        manifest = self._write_manifest(ctx, store, chunks, dup_group, dup_kept, dup_kind, clusters, selected_by)
         self._save_hierarchy(ctx, hierarchy)
 
         in_selection = np.isin(kept_rows, np.flatnonzero(selected_by != None))  # noqa: E711
@@ -353,11 +373,38 @@ class CurateStage(Stage):
         return metrics
 
     @staticmethod
-    def _dedup(cfg, chunks: list[Chunk], meta: pa.Table, accepted_rows: np.ndarray):
+    def _dedup(cfg, chunks: list[Chunk], digests: np.ndarray):
         key = "copy" if cfg.dedup.descriptor == "copy" else "embedding"
         vectors = RowSet([getattr(c, key) for c in chunks])
-        sha = np.asarray(meta.column("sha256").to_pylist(), dtype=object)[accepted_rows]
-        return deduplicate(sha, vectors, cfg.dedup.threshold, cfg.dedup.k)
+        return deduplicate(digests, vectors, cfg.dedup.threshold, cfg.dedup.k)
+
+    @staticmethod
+    def _write_manifest(ctx: StageContext, store: ChunkStore, chunks: list[Chunk], dup_group: np.ndarray,
+                        dup_kept: np.ndarray, dup_kind: np.ndarray, clusters: np.ndarray,
+                        selected_by: np.ndarray) -> Path:
+        """curate/manifest.parquet (see :func:`build_manifest`; the arrays are per listed image)
+        written from each chunk's metadata in turn, a row group at a time; returns the local
+        file it was written to."""
+        local = ctx.cache_dir / MANIFEST_FILE
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pending: list[pa.Table] = []
+        start = 0
+        with contextlib.ExitStack() as stack:
+            writer = None
+            for number, chunk in enumerate(chunks, start=1):
+                meta = store.read_meta(chunk.index)
+                rows = slice(start, start + meta.num_rows)
+                start = rows.stop
+                pending.append(build_manifest(meta, dup_group[rows], dup_kept[rows], dup_kind[rows],
+                                              clusters[rows], selected_by[rows]))
+                if sum(t.num_rows for t in pending) >= _MANIFEST_ROW_GROUP or number == len(chunks):
+                    table = pa.concat_tables(pending)
+                    if writer is None:
+                        writer = stack.enter_context(pq.ParquetWriter(local, table.schema))
+                    writer.write_table(table)
+                    pending = []
+        ctx.storage.put_file(local, Storage.join(ctx.dir, MANIFEST_FILE))
+        return local
 
     @staticmethod
     def _cluster(cfg, store: ChunkStore, chunks: list[Chunk], kept: np.ndarray, seed: int,
@@ -430,7 +477,8 @@ class CurateStage(Stage):
             ctx.storage.put_file(local / LABELS_FILE, Storage.join(remote, LABELS_FILE))
         return Storage.join(remote, IMAGES_DIR)
 
-    def _class_plot(self, ctx: StageContext, demo_images: str, manifest: pa.Table, metrics: dict[str, float]) -> Path:
+    def _class_plot(self, ctx: StageContext, demo_images: str, manifest_file: Path,
+                    metrics: dict[str, float]) -> Path:
         """Hidden-class balance of the demo pool, before (accepted) and after (selected). Images
         are matched on their file name within ``demo_images`` (local or a remote copy)."""
         labels = read_labels(demo_pool_dir(ctx)).to_pydict()
@@ -440,6 +488,7 @@ class CurateStage(Stage):
             return uri if Storage.is_remote(uri) else os.path.abspath(uri)
 
         home = folder(demo_images)
+        manifest = pq.read_table(manifest_file, columns=["uri", "reject_reason", "selected"])
         names = [posixpath.basename(u) if posixpath.dirname(folder(u)) == home else None
                  for u in manifest.column("uri").to_pylist()]
         accepted = [r is None for r in manifest.column("reject_reason").to_pylist()]

@@ -1,5 +1,6 @@
 import io
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -124,6 +125,23 @@ def test_dedup_over_memmapped_chunks_matches_one_array(tmp_path, monkeypatch, fl
     assert np.array_equal(whole.group, chunked.group) and np.array_equal(whole.kept, chunked.kept)
     assert (chunked.n_exact, chunked.n_near) == (1, 40)
     assert set(np.flatnonzero(~chunked.kept)) == set(range(500, 540)) | {590}
+
+
+def test_an_ivf_index_filled_into_reserved_lists_holds_what_adding_gives(tmp_path, monkeypatch):
+    monkeypatch.setattr(knn, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    vectors = _unit(np.random.default_rng(1).normal(size=(700, 16)))
+    index = knn.build_ip_index(RowSet(_memmapped_parts(tmp_path, vectors, [300, 150, 250])))
+    added = faiss.clone_index(index)
+    added.reset()
+    added.add(vectors)
+    assert index.ntotal == added.ntotal == 700
+    for list_no in range(index.nlist):
+        assert np.array_equal(faiss.rev_swig_ptr(index.invlists.get_ids(list_no), index.invlists.list_size(list_no)),
+                              faiss.rev_swig_ptr(added.invlists.get_ids(list_no), added.invlists.list_size(list_no)))
+    sims, ids = index.search(vectors, 5)
+    sims_added, ids_added = added.search(vectors, 5)
+    assert np.array_equal(ids, ids_added) and np.allclose(sims, sims_added) and (ids[:, 0] == np.arange(700)).all()
 
 
 def test_retrieval_over_selected_chunk_rows():
