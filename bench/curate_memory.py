@@ -14,8 +14,8 @@ The stage runs on two pools, N/4 and N images, and every figure is what one more
 holds whatever the pool's size (imports, Ray Data, allocator pools, a manifest row group) drops
 out: ``driver_bytes_per_image`` (the peak above the RSS when the stage started) and
 ``beyond_faiss_bytes_per_image``, that less what faiss itself needs (``dedup_index_bytes_per_image``:
-the peak of building the near-dedup index over the same copy descriptors and one search, in a
-process of its own: the largest faiss structure of the stage); beside them,
+the peak of building the near-dedup index over the same copy descriptors and searching it with
+each of them, in a process of its own: the largest faiss structure of the stage); beside them,
 in the same run, the baseline ``metadata_bytes_per_image``: the chunks' per-image metadata
 (uri, id, sha256, size, decode result) as one Arrow table, what a driver that gathers it in RAM
 holds before anything else.
@@ -152,9 +152,9 @@ def run_stage(pool: Path, run_dir: Path, cache: Path) -> dict:
 def build_index(run_dir: Path) -> dict:
     """In this (fresh) process: what faiss itself needs for near dedup, the peak RSS of building
     the index over the copy descriptors of the accepted images (as the stage's dedup does; a
-    few percent more rows than its distinct ones) and one search call."""
+    few percent more rows than its distinct ones) and searching it with every one of them."""
     from data_curation.embedding_store import ChunkStore, chunk_indices
-    from data_curation.knn import RowSet, build_ip_index
+    from data_curation.knn import RowSet, build_ip_index, search_blocks
     from data_curation.storage import Storage
 
     root = str(run_dir / "curate" / "_work" / "embeddings")
@@ -162,7 +162,8 @@ def build_index(run_dir: Path) -> dict:
     vectors = RowSet([store.read(i).copy for i in sorted(chunk_indices(root, Storage()))])
     with PeakWatch() as watch:
         index = build_ip_index(vectors)
-        index.search(next(vectors.blocks()), 17)
+        for _ in search_blocks(index, vectors, 17):
+            pass
     return {"index_peak_mb": round(watch.above_start_mb, 1), "index_rows": int(index.ntotal)}
 
 

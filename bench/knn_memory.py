@@ -9,8 +9,9 @@ above what it held before the step; mapped file pages are the page cache's, not 
 - ``chunked``: the library as the stage calls it, on a RowSet over the mapped chunks
 - ``loaded`` (baseline, same run): the chunks concatenated into one array first (the
   selected rows for retrieval), then the same call
-- ``index``: what faiss itself needs: an index over the same vectors, and one search call
-  (one block of queries; its BLAS buffers are a few tens of MB whatever the pool's size)
+- ``index``: what faiss itself needs: an index over the same vectors and the same search
+  (dedup: every vector, a block of queries at a time, whose BLAS buffers and per-thread
+  heaps are a few tens of MB whatever the pool's size; retrieval: the seeds)
 
 Figure: the RAM each way holds beyond faiss's, in MB and in copies of the vectors ((peak -
 index peak) / vectors' bytes). Target (issue 4: nothing needs all the embeddings in RAM at
@@ -98,7 +99,7 @@ def write_chunks(folder: Path, n: int, d: int, seed: int = 0) -> None:
 
 def run_one(mode: str, step: str, folder: Path) -> dict:
     from data_curation.dedup import deduplicate
-    from data_curation.knn import RowSet, build_ip_index
+    from data_curation.knn import RowSet, build_ip_index, search_blocks
     from data_curation.retrieval import retrieval_picks
 
     parts = [np.load(p, mmap_mode="r") for p in sorted(folder.glob("chunk-*.embedding.npy"))]
@@ -108,9 +109,10 @@ def run_one(mode: str, step: str, folder: Path) -> dict:
     seeds = np.ascontiguousarray(parts[0][:SEEDS])
     start = time.perf_counter()
     with PeakWatch() as watch:
-        if mode == "index":  # faiss's part: the index and the working memory of one search call
+        if mode == "index":  # faiss's part: the index and the working memory of its searches
             index = build_ip_index(RowSet(parts) if step == "dedup" else RowSet(parts).subset(kept))
-            index.search(next(RowSet(parts).blocks()) if step == "dedup" else seeds, 17)
+            for _ in search_blocks(index, RowSet(parts) if step == "dedup" else seeds, 17):
+                pass
             result = {"ntotal": int(index.ntotal)}
         elif step == "dedup":
             vectors = np.concatenate(parts) if mode == "loaded" else RowSet(parts)

@@ -59,11 +59,16 @@ def read_selected(manifest: bytes, source: str) -> tuple[pa.Table, int]:
     ``span_start``, ``span_end`` and ``bytes`` are null for all rows of a manifest without them
     (older runs).
     """
-    table = with_later_columns(pq.read_table(io.BytesIO(manifest)))
-    missing = [c for c in (*_PLAN_COLUMNS, "selected") if c not in table.column_names]
+    file = pq.ParquetFile(io.BytesIO(manifest))
+    names = file.schema_arrow.names
+    missing = [c for c in (*_PLAN_COLUMNS, "selected") if c not in names]
     if missing:
         raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)}")
-    table = table.filter(pc.fill_null(table["selected"], False))
+    # A row group at a time, only the columns the plan needs: the selection is a share of the pool.
+    wanted = [c for c in names if c in (*_PLAN_COLUMNS, "selected", *LATER_COLUMNS) or _CLUSTER_COLUMN.match(c)]
+    parts = [part.filter(pc.fill_null(part["selected"], False))
+             for part in (file.read_row_group(i, columns=wanted) for i in range(file.num_row_groups))]
+    table = with_later_columns(pa.concat_tables(parts) if parts else file.schema_arrow.empty_table().select(wanted))
     levels = cluster_columns(table)
     columns = [table[c].to_pylist() for c in levels]
     clusters = [list(row) for row in zip(*columns, strict=True)] if levels else [[]] * table.num_rows

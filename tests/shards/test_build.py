@@ -20,7 +20,7 @@ from PIL import Image
 from data_curation.shards.build import ShardSpec, build_shards
 from data_curation.shards.encode import EncodeOptions
 from data_curation.shards.index import read_index, read_shard_list
-from data_curation.shards.plan import ShardLimits
+from data_curation.shards.plan import ShardLimits, read_selected
 from data_curation.shards.verify import verify_shards
 from data_curation.storage import Storage
 from tests.shards.conftest import SPEC
@@ -244,3 +244,16 @@ def test_a_repeated_id_in_the_manifest_is_written_once_and_counted(tmp_path):
     result = build_shards(pool.manifest_uri, str(tmp_path / "shard"), str(tmp_path / "work"), spec, **QUIET)
     assert result.skipped["repeated_id"] == 1 and result.samples == len(pool.selected)
     assert set(_tar_samples(str(tmp_path / "shard"))) == pool.selected
+
+
+def test_a_manifest_in_many_row_groups_reads_as_in_one(tmp_path):
+    """curate writes its manifest a row group at a time; the plan reads one at a time."""
+    pool = make_pool(str(tmp_path / "src"), n=40, current=True)
+    whole = Storage().read_bytes(pool.manifest_uri)
+    buf = io.BytesIO()
+    pq.write_table(pq.read_table(io.BytesIO(whole)), buf, row_group_size=7)
+    assert pq.ParquetFile(io.BytesIO(buf.getvalue())).num_row_groups == 6
+    one, repeated_one = read_selected(whole, pool.manifest_uri)
+    many, repeated_many = read_selected(buf.getvalue(), "many")
+    assert one.equals(many) and repeated_one == repeated_many == 0
+    assert set(many["id"].to_pylist()) == pool.selected
