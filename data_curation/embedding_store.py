@@ -135,20 +135,20 @@ class ChunkStore:
         return str(local)
 
     def read_meta(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
-        """Chunk ``index``'s metadata: every column (those of older chunks included, see
-        :func:`with_later_columns`), or only ``columns`` (``()``: none, the row count alone)."""
+        """Chunk ``index``'s metadata: every column, or only ``columns`` (``()``: none, the row
+        count alone); the :data:`LATER_COLUMNS` of older chunks are null (:func:`with_later_columns`)."""
         data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
-        if columns is not None:
-            return pq.read_table(data, columns=list(columns))
-        return with_later_columns(pq.read_table(data))
+        if columns is None:
+            return with_later_columns(pq.read_table(data))
+        present = set(pq.ParquetFile(data).schema_arrow.names)
+        table = pq.read_table(data, columns=[c for c in columns if c in present or c not in LATER_COLUMNS])
+        return with_later_columns(table).select(list(columns))
+
+    def vectors(self, index: int, kind: str) -> np.ndarray:
+        """Chunk ``index``'s ``kind`` vectors ("embedding" or "copy"), memory-mapped."""
+        return np.load(self._local(Storage.join(self.root, f"{chunk_name(index)}.{kind}.npy")), mmap_mode="r")
 
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
         """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`) and its mapped vectors."""
-        base = Storage.join(self.root, chunk_name(index))
-        meta = self.read_meta(index, columns)
-        embedding = np.load(self._local(f"{base}.embedding.npy"), mmap_mode="r")
-        copy = np.load(self._local(f"{base}.copy.npy"), mmap_mode="r")
-        return Chunk(index, meta, embedding, copy)
-
-    def read_all(self, indices: list[int], columns: Sequence[str] | None = None) -> list[Chunk]:
-        return [self.read(i, columns) for i in sorted(indices)]
+        return Chunk(index, self.read_meta(index, columns), self.vectors(index, "embedding"),
+                     self.vectors(index, "copy"))

@@ -136,7 +136,7 @@ def _fill_ivf(index: faiss.IndexIVF, base: RowSet) -> None:
     then each block is added with its lists, not quantized again."""
     lists = np.concatenate([index.quantizer.search(block, 1)[1][:, 0] for block in base.blocks()])
     invlists = faiss.downcast_InvertedLists(index.invlists)
-    sizes = np.bincount(lists, minlength=index.nlist)
+    sizes = np.bincount(lists[lists >= 0], minlength=index.nlist)  # -1: a NaN row, which add_core skips
     for list_no in np.flatnonzero(sizes):
         invlists.resize(int(list_no), int(sizes[list_no]))  # allocates the capacity, which the next
         invlists.resize(int(list_no), 0)                     # resize keeps (a std::vector never shrinks)

@@ -71,7 +71,9 @@ class ClusterConfig(Section):
         "auto", json_schema_extra=EXECUTION,
         description="GPUs each level-1 assignment task (one embedding chunk against the broadcast level-1 "
         "centroids, with faiss) reserves; auto: 1 when faiss has GPU support (faiss-gpu) and the Ray cluster "
-        "has a GPU, else 0 (faiss on CPU). Ray hides the GPUs from a task that reserves none.")
+        "has a GPU, else 0 (faiss on CPU). Ray hides the GPUs from a task that reserves none. A task that "
+        "reserves a whole GPU runs beside as many others as there are GPUs, not CPUs: set 0 (or a fraction) "
+        "where level 1 has few centroids and the CPUs outnumber the GPUs.")
 
     @field_validator("levels")
     @classmethod

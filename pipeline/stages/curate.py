@@ -10,6 +10,7 @@ later steps are deterministic under the run seed and cheap beside embedding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -188,23 +189,25 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
     return {}, ListingCursor()
 
 
-def _pool_facts(store: ChunkStore, chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """(accepted (N,) bool over the listed images, the accepted images' sha256 digests (see
-    :func:`sha256_digests`), rejected images by reason), from each chunk's metadata in turn."""
+def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.ndarray, np.ndarray, dict[str, int]]:
+    """The chunks ``indices`` (mapped vectors, metadata left in the store), accepted (N,) bool
+    over their listed images, the accepted images' sha256 digests (see :func:`sha256_digests`)
+    and the rejected images by reason, from each chunk's metadata in turn."""
     rejected = dict.fromkeys(REJECT_REASONS, 0)
-    if not chunks:
-        return np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
-    accepted, digests = [], []
-    for chunk in chunks:
-        meta = store.read_meta(chunk.index, ("reject_reason", "sha256"))
-        reasons = meta.column("reject_reason")
+    if not indices:
+        return [], np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
+    chunks, accepted, digests = [], [], []
+    for index in indices:
+        chunk = store.read(index, ("reject_reason", "sha256"))
+        reasons = chunk.meta.column("reject_reason")
         ok = pc.is_null(reasons).to_numpy()
         accepted.append(ok)
-        digests.append(sha256_digests(meta.column("sha256").filter(pa.array(ok))))
+        digests.append(sha256_digests(chunk.meta.column("sha256").filter(pa.array(ok))))
         for entry in pc.value_counts(reasons).to_pylist():
             if entry["values"] in rejected:
                 rejected[entry["values"]] += int(entry["counts"])
-    return np.concatenate(accepted), np.concatenate(digests), rejected
+        chunks.append(dataclasses.replace(chunk, meta=chunk.meta.select([])))
+    return chunks, np.concatenate(accepted), np.concatenate(digests), rejected
 
 
 def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:
@@ -252,8 +255,8 @@ class CurateStage(Stage):
         embed = config.curate.embed
         actors, gpus = embedding_pool(embed, cluster_gpus)
         assign_gpus = assign_task_gpus(config.curate.cluster, cluster_gpus)
-        asked_by = (f"curate.cluster.assign_gpus={assign_gpus:g}" if assign_gpus > gpus
-                    else f"curate.embed.cpus_per_actor={embed.cpus_per_actor:g}, gpus_per_actor={gpus:g}")
+        asked_by = f"curate.embed.cpus_per_actor={embed.cpus_per_actor:g}, gpus_per_actor={gpus:g}" + (
+            f"; curate.cluster.assign_gpus={assign_gpus:g}" if assign_gpus > gpus else "")
         return Resources(cpus=max(1.0, embed.cpus_per_actor), gpus=max(gpus, assign_gpus), asked_by=asked_by,
                          held_cpus=actors * embed.cpus_per_actor, held_gpus=actors * gpus,
                          held_by=f"curate.embed.actors={actors} x cpus_per_actor={embed.cpus_per_actor:g}, "
@@ -290,8 +293,7 @@ class CurateStage(Stage):
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
         # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
-        chunks = store.read_all(sorted(rows_per_chunk), columns=())
-        accepted, digests, rejected = _pool_facts(store, chunks)
+        chunks, accepted, digests, rejected = _pool_facts(store, sorted(rows_per_chunk))
         n = len(accepted)
         if n == 0:
             skipped = "; ".join(problems.lines())

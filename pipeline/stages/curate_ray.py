@@ -138,7 +138,7 @@ def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options
     store = ChunkStore(store_root, Storage(storage_options), cache_dir)
     out: dict[str, list[np.ndarray]] = {"chunk": [], "position": [], "label": [], "distance": []}
     for index in np.asarray(batch["chunk"], dtype=np.int64):
-        embedding = store.read(int(index)).embedding
+        embedding = store.vectors(int(index), "embedding")
         labels, dist = assign(embedding, centroids)
         out["chunk"].append(np.full(len(labels), index, dtype=np.int64))
         out["position"].append(np.arange(len(labels), dtype=np.int64))

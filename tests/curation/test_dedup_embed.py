@@ -1,16 +1,19 @@
+import hashlib
 import io
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from data_curation import knn
 from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
-from data_curation.dedup import deduplicate
+from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.embedders import GradientHistogramEmbedder
-from data_curation.embedding_store import chunk_indices, chunk_name
+from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, chunk_indices, chunk_name
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
 from data_curation.storage import Storage
@@ -56,6 +59,34 @@ def test_exact_copies_share_a_group_and_the_first_is_kept():
     assert result.kept.tolist() == [True, True, False, True]
     assert result.kind.tolist() == [None, None, "exact", None]
     assert (result.n_exact, result.n_near) == (1, 0)
+
+
+def test_sha256_digests_are_the_bytes_of_the_hex_strings_and_group_as_they_do():
+    hexes = [hashlib.sha256(bytes([i % 4])).hexdigest() for i in range(10)]
+    chunked = pa.chunked_array([pa.array(hexes[:3]), pa.array(["x"] + hexes[3:]).slice(1)])
+    digests = sha256_digests(chunked)
+    assert digests.dtype == np.dtype("V32") and [d.tobytes().hex() for d in digests] == hexes
+    assert sha256_digests(pa.array([hexes[0].upper()]))[0] == digests[0]
+    by_digest, by_hex = deduplicate(digests, np.eye(10, dtype=np.float32)), deduplicate(hexes, np.eye(10, dtype=np.float32))
+    assert np.array_equal(by_digest.group, by_hex.group) and by_digest.n_exact == by_hex.n_exact == 6
+    for bad in (["ab"], [None], ["g" * 64]):
+        with pytest.raises(ValueError, match="sha256 digests must be"):
+            sha256_digests(pa.array(bad, pa.string()))
+
+
+def test_old_chunks_read_with_null_later_columns(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    rows = {"uri": np.array(["a.png", "b.png"], dtype=object), "id": np.array(["1", ""], dtype=object),
+            "sha256": np.array(["1", ""], dtype=object), "width": np.array([4, -1]), "height": np.array([4, -1]),
+            "reject_reason": np.array(["", "truncated"], dtype=object), "accepted": np.array([True, False]),
+            "embedding": np.ones((2, 3)), "copy": np.ones((2, 2))}
+    store.write(0, rows)
+    old = pq.read_table(tmp_path / "chunk-000000.parquet").drop_columns(list(LATER_COLUMNS))
+    pq.write_table(old, tmp_path / "chunk-000000.parquet")  # as written before spans and sizes were kept
+    picked = store.read_meta(0, ("sha256", "bytes"))
+    assert picked.column_names == ["sha256", "bytes"] and picked["bytes"].null_count == 2
+    assert store.read_meta(0).column_names[-3:] == list(LATER_COLUMNS)
+    assert store.read_meta(0, ()).num_rows == 2 and store.vectors(0, "embedding").shape == (1, 3)
 
 
 def test_near_duplicates_form_connected_components():

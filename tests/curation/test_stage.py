@@ -21,6 +21,7 @@ from orchestration.engine import StageFailed
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import ClusterConfig, CurateConfig, EmbedConfig
+from pipeline.stages import curate
 from pipeline.stages.curate import CurateStage, assign_task_gpus, embedding_pool, write_listing
 from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
@@ -92,10 +93,15 @@ def _section(root: Path) -> CurateConfig:
     })
 
 
-def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixed_pool, tmp_path):
+def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixed_pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(curate, "_MANIFEST_ROW_GROUP", 20)  # chunks of 16: row groups of 2 chunks, the last of 1
     ctx = _context(tmp_path, _section(mixed_pool), Recording)
     metrics = CurateStage().run(ctx)
-    manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet").to_pandas()
+    manifest_file = pq.ParquetFile(tmp_path / "curate" / "manifest.parquet")
+    assert manifest_file.num_row_groups == -(-int(metrics["inputs"]) // 32)
+    manifest = manifest_file.read().to_pandas()
+    listing = sorted((tmp_path / "curate" / "_work" / "listing").glob("chunk-*.parquet"))
+    assert manifest.uri.tolist() == [u for f in listing for u in pq.read_table(f).column("uri").to_pylist()]
     n_bad, n_odd = len(bad_files()), len(odd_files())
     reasons = ", ".join(f"{reason} 1" for reason in REJECT_REASONS if reason in bad_files())
     near = int(metrics["duplicates_near"])
@@ -164,7 +170,6 @@ def test_assignment_tasks_take_a_gpu_when_faiss_and_the_cluster_have_one():
     assert assign_task_gpus(auto, lambda: 8, gpu_faiss=lambda: True) == 1.0
     assert assign_task_gpus(auto, lambda: 0, gpu_faiss=lambda: True) == 0.0
     assert assign_task_gpus(auto, never, gpu_faiss=lambda: False) == 0.0  # faiss-cpu: no question
-    assert assign_task_gpus(auto, never) == 0.0  # this machine's faiss is a CPU build
     assert assign_task_gpus(auto.model_copy(update={"assign_gpus": 0.5}), never) == 0.5
 
 
