@@ -103,12 +103,14 @@ def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     sq_norm = np.einsum("nd,nd->n", x, x)
     nearest = np.maximum(sq_norm - 2.0 * (x @ centres[0]) + float(centres[0] @ centres[0]), 0.0)
     for j in range(1, k):
-        total = float(nearest.sum())
+        # float64: a float32 running sum stops growing once it dwarfs the terms (the rows after
+        # a far one could not be drawn), and the total is that same sum's last entry
+        cumulative = np.cumsum(nearest, dtype=np.float64)
+        total = float(cumulative[-1])
         if total <= 0.0:  # fewer distinct points than k: repeat points; Lloyd handles empties
             pick = int(rng.integers(n))
         else:
-            pick = int(np.searchsorted(np.cumsum(nearest), rng.random() * total, side="right"))
-            pick = min(pick, n - 1)
+            pick = min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), n - 1)
         centres[j] = x[pick]
         dist = np.maximum(sq_norm - 2.0 * (x @ centres[j]) + float(centres[j] @ centres[j]), 0.0)
         np.minimum(nearest, dist, out=nearest)

@@ -4,6 +4,7 @@ import pytest
 from data_curation.hkmeans import (
     KMeansParams,
     LevelSpec,
+    _kmeans_plus_plus,
     assign,
     closest_per_cluster,
     fit_hierarchy,
@@ -48,6 +49,30 @@ def test_kmeans_plus_plus_picks_distinct_far_points():
     x = np.array([[0, 0], [0, 0.1], [10, 10], [-10, 10]], dtype=np.float32)
     centres = kmeans_plus_plus(x, 3, np.random.default_rng(0))
     assert {tuple(c) for c in centres[1:]} | {tuple(centres[0])} >= {(10.0, 10.0), (-10.0, 10.0)}
+
+
+class _Draws:
+    """Fixed draws for k-means++: the first row as the first centre, then u for every pick."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def integers(self, n: int) -> int:
+        return 0
+
+    def random(self) -> float:
+        return self.u
+
+
+def test_kmeans_plus_plus_draws_rows_after_a_far_one():
+    # Squared distances to the first centre: 1e8 for row 1, then a million rows at 1 and a last
+    # row at 0 (the centre itself). A float32 running sum stays at 1e8 after row 1, so a draw
+    # in the last 1% of the total fell past its end and took the last row: the centre again.
+    x = np.ones((1_000_003, 1), dtype=np.float32)
+    x[0] = x[-1] = 0.0
+    x[1] = 1e4
+    centres = _kmeans_plus_plus(x, 2, _Draws(0.999))
+    assert centres[1, 0] == 1.0
 
 
 def test_closest_per_cluster_keeps_the_nearest():
