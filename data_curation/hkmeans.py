@@ -16,6 +16,11 @@ Level 1 clusters the points; level l+1 clusters the centroids of level l. Each l
    the Zipf mixture of tests/curation/test_hkmeans.py, an equal pick per level-1 cluster
    covers the components at 0.92 of the maximum entropy with or without warm steps, 0.97
    with fresh ones; bench/kmeans.py reports the same figure for its shapes.
+   A step needs s >= 2 (about 3 or more points per cluster): keeping one point per cluster,
+   the fresh k-means has as many centres as points and only moves each centroid onto its
+   nearest point, the same at every step. Such a level skips its steps and
+   ``Hierarchy.resampling_steps_run`` says so; the upper levels of a narrow hierarchy
+   (64 -> 32 clusters) are the usual case.
 
 Level 1 trains on at most ``max_points_per_centroid`` x k1 points, drawn explicitly and
 uniformly (faiss.Kmeans would subsample silently to the same cap); all points are then
@@ -33,6 +38,7 @@ from threadpoolctl import threadpool_limits
 from data_curation.knn import faiss_gpu_count
 
 _ASSIGN_BATCH = 65536
+MIN_RESAMPLE_SIZE = 2  # points kept per cluster below which a resampling step is skipped
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,12 @@ class KMeansParams:
 @dataclass
 class Hierarchy:
     """centroids[l]: (k_l, D) for level l+1; parents[l]: (k_l,) the level-(l+2) cluster of
-    each level-(l+1) cluster (one fewer entry than ``centroids``)."""
+    each level-(l+1) cluster (one fewer entry than ``centroids``); resampling_steps_run[l]:
+    the resampling steps level l+1 ran, fewer than asked where its points were too few."""
 
     centroids: list[np.ndarray]
     parents: list[np.ndarray] = field(default_factory=list)
+    resampling_steps_run: list[int] = field(default_factory=list)
 
     @property
     def n_levels(self) -> int:
@@ -137,19 +145,27 @@ def closest_per_cluster(labels: np.ndarray, dist: np.ndarray, per_cluster: int) 
     return np.sort(order[rank < per_cluster])
 
 
-def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.random.Generator) -> np.ndarray:
-    """The (k, D) centroids of one level trained on ``x`` (N, D)."""
+def resampling_sample_size(n: int, k: int) -> int:
+    """The points a resampling step keeps per cluster, for ``n`` points in ``k`` clusters:
+    half the mean cluster size (Vo et al.)."""
+    return int(round(n / max(1, min(k, n)) / 2))
+
+
+def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams,
+              rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The (k, D) centroids of one level trained on ``x`` (N, D), and the resampling steps run."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(spec.k, len(x))
     centroids = _lloyd(x, _seed(x, k, params, rng), params.iterations, int(rng.integers(2**31)))
-    per_cluster = max(1, int(round(len(x) / k / 2)))
-    for _ in range(spec.resampling_steps):
+    per_cluster = resampling_sample_size(len(x), k)
+    steps = spec.resampling_steps if per_cluster >= MIN_RESAMPLE_SIZE else 0
+    for step in range(steps):
         labels, dist = assign(x, centroids)
         near = x[closest_per_cluster(labels, dist, per_cluster)]
         if len(near) < k:  # most clusters are empty (fewer distinct points than k): nothing to spread
-            break
+            return centroids, step
         centroids = _lloyd(near, _seed(near, k, params, rng), params.resample_iterations, int(rng.integers(2**31)))
-    return centroids
+    return centroids, steps
 
 
 def _seed(x: np.ndarray, k: int, params: KMeansParams, rng: np.random.Generator) -> np.ndarray:
@@ -173,11 +189,12 @@ def fit_hierarchy(train: np.ndarray, params: KMeansParams) -> Hierarchy:
     if not params.levels:
         raise ValueError("hierarchical k-means needs at least one level")
     rng = np.random.default_rng([params.seed, 2])
-    centroids = [fit_level(train, params.levels[0], params, rng)]
-    parents: list[np.ndarray] = []
+    first, steps_run = fit_level(train, params.levels[0], params, rng)
+    hierarchy = Hierarchy([first], resampling_steps_run=[steps_run])
     for spec in params.levels[1:]:
-        below = centroids[-1]
-        level = fit_level(below, spec, params, rng)
-        parents.append(assign(below, level)[0])
-        centroids.append(level)
-    return Hierarchy(centroids, parents)
+        below = hierarchy.centroids[-1]
+        level, steps_run = fit_level(below, spec, params, rng)
+        hierarchy.parents.append(assign(below, level)[0])
+        hierarchy.centroids.append(level)
+        hierarchy.resampling_steps_run.append(steps_run)
+    return hierarchy

@@ -50,17 +50,20 @@ class DedupConfig(Section):
 
 class LevelConfig(Section):
     k: int = Field(..., ge=1, description="Clusters at this level.")
-    resampling_steps: int = Field(3, ge=0, description="Resampling steps at this level (Vo et al.).")
+    resampling_steps: int = Field(3, ge=0, description="Resampling steps at this level (Vo et al.). A step "
+                                  "keeps half the mean cluster size of points per cluster and needs 2 or more: "
+                                  "a level with fewer than ~3 points per cluster skips its steps, and the log "
+                                  "says so.")
 
 
 class ClusterConfig(Section):
     levels: list[LevelConfig] = Field(
-        default_factory=lambda: [LevelConfig(k=64, resampling_steps=5), LevelConfig(k=32, resampling_steps=5),
-                                 LevelConfig(k=16, resampling_steps=5)],
+        default_factory=lambda: [LevelConfig(k=160, resampling_steps=5), LevelConfig(k=16, resampling_steps=5)],
         description="Hierarchy levels, bottom (level 1, clusters the images) to top. The sample is split "
         "equally among the top clusters, so give the top level more clusters than the concepts you want "
         "balanced (this default: 16 for the demo pool's 13 hidden classes; measured in "
-        "bench/curation_quality.py).")
+        "bench/curation_quality.py). Each level has several times fewer clusters than the one below (Vo et "
+        "al.: 10 or more; this default: 10), so that each has points enough per cluster to resample.")
     iterations: int = Field(10, ge=1, description="Lloyd iterations of each level's first k-means.")
     resample_iterations: int = Field(1, ge=1, description="Lloyd iterations of each resampling step's fresh "
                                      "k-means, after its k-means++ seeding on the kept points.")

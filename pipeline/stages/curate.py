@@ -30,7 +30,15 @@ from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
-from data_curation.hkmeans import Hierarchy, KMeansParams, LevelSpec, fit_hierarchy, training_rows
+from data_curation.hkmeans import (
+    MIN_RESAMPLE_SIZE,
+    Hierarchy,
+    KMeansParams,
+    LevelSpec,
+    fit_hierarchy,
+    resampling_sample_size,
+    training_rows,
+)
 from data_curation.knn import RowSet, faiss_has_gpu_support
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
@@ -86,6 +94,22 @@ def assign_task_gpus(cluster, gpus_in_cluster: Callable[[], float],
     if cluster.assign_gpus != "auto":
         return float(cluster.assign_gpus)
     return 1.0 if gpu_faiss() and gpus_in_cluster() >= 1 else 0.0
+
+
+def _log_resampling_cut(ctx: StageContext, levels, hierarchy: Hierarchy, n_train: int) -> None:
+    """A line for each level that ran fewer resampling steps than configured, saying why."""
+    points = [n_train] + [len(c) for c in hierarchy.centroids[:-1]]  # what each level clustered
+    for number, (level, ran) in enumerate(zip(levels, hierarchy.resampling_steps_run, strict=True)):
+        if ran >= level.resampling_steps:
+            continue
+        clusters = len(hierarchy.centroids[number])
+        per_cluster = resampling_sample_size(points[number], clusters)
+        if per_cluster < MIN_RESAMPLE_SIZE:
+            why = (f"{points[number]} points in {clusters} clusters leave {per_cluster} per cluster to resample, "
+                   f"fewer than {MIN_RESAMPLE_SIZE} (give the level at most a third as many clusters as points)")
+        else:
+            why = f"most of its {clusters} clusters are empty (fewer distinct points than clusters)"
+        ctx.log(f"curate.cluster.levels[{number}]: {ran} of its {level.resampling_steps} resampling steps ran: {why}")
 
 
 def decode_limits(cfg) -> DecodeLimits:
@@ -361,6 +385,7 @@ class CurateStage(Stage):
                         "listing_skipped_paths": float(len(problems.skipped_paths))})
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
+            metrics[f"resampling_steps_l{level + 1}"] = float(hierarchy.resampling_steps_run[level])
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
         if demo:
             plots.append(self._class_plot(ctx, demo, manifest, metrics))
@@ -417,7 +442,9 @@ class CurateStage(Stage):
         train_rows = kept_rows[training_rows(len(kept_rows), params)]
         train = RowSet([c.embedding for c in chunks]).take(train_rows)  # (n_train, D), only the sample in RAM
         hierarchy = fit_hierarchy(train, params)
-        ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}")
+        ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}, resampling steps run "
+                f"{hierarchy.resampling_steps_run}")
+        _log_resampling_cut(ctx, cfg.cluster.levels, hierarchy, len(train))
         gpus = assign_task_gpus(cfg.cluster, cluster_gpus)
         ctx.log(f"level-1 assignment: {len(chunks)} chunk task{'s' * (len(chunks) != 1)}"
                 + (f", {gpus:g} GPU each" if gpus else " on CPU"))

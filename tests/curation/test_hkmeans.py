@@ -124,3 +124,15 @@ def test_fewer_distinct_points_than_clusters_still_fit():
     hierarchy = fit_hierarchy(x, KMeansParams(levels=(LevelSpec(20, 3), LevelSpec(4, 2)), seed=0))
     assert [c.shape for c in hierarchy.centroids] == [(20, 8), (4, 8)]
     assert (assign(x, hierarchy.centroids[0])[1] < 1e-6).all()
+
+
+def test_a_level_too_narrow_to_resample_skips_its_steps():
+    # 24 centroids into 12 clusters keep one point per cluster in a resampling step: its fresh
+    # k-means would only move each centroid onto its nearest point (all 12 of them were level-1
+    # centroids before); the steps are skipped and the level's centroids stay means.
+    x = _blobs()
+    params = KMeansParams(levels=(LevelSpec(24, 2), LevelSpec(12, 3), LevelSpec(3, 2)), iterations=5, seed=7)
+    hierarchy = fit_hierarchy(x, params)
+    assert hierarchy.resampling_steps_run == [2, 0, 2]
+    below = {tuple(row) for row in hierarchy.centroids[0]}
+    assert sum(tuple(row) in below for row in hierarchy.centroids[1]) < 12

@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_curation.builtin import load_builtin
 from data_curation.decode import REJECT_REASONS
+from data_curation.hkmeans import fit_hierarchy
 from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
 from orchestration.engine import StageFailed
@@ -171,6 +172,18 @@ def test_assignment_tasks_take_a_gpu_when_faiss_and_the_cluster_have_one():
     assert assign_task_gpus(auto, lambda: 0, gpu_faiss=lambda: True) == 0.0
     assert assign_task_gpus(auto, never, gpu_faiss=lambda: False) == 0.0  # faiss-cpu: no question
     assert assign_task_gpus(auto.model_copy(update={"assign_gpus": 0.5}), never) == 0.5
+
+
+def test_a_level_too_narrow_to_resample_is_reported_with_what_to_change():
+    x = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32)
+    levels = ClusterConfig.model_validate({"levels": [{"k": 40, "resampling_steps": 2},
+                                                      {"k": 20, "resampling_steps": 4}]}).levels
+    hierarchy = fit_hierarchy(x, curate.kmeans_params(ClusterConfig(levels=levels), 0))
+    lines: list[str] = []
+    curate._log_resampling_cut(SimpleNamespace(log=lines.append), levels, hierarchy, len(x))
+    assert lines == ["curate.cluster.levels[1]: 0 of its 4 resampling steps ran: 40 points in 20 clusters leave "
+                     "1 per cluster to resample, fewer than 2 (give the level at most a third as many clusters "
+                     "as points)"]
 
 
 def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(ray_session, tmp_path):
@@ -347,6 +360,8 @@ def test_demo_pool_curation_rebalances_the_hidden_classes(ray_session, tmp_path)
     ctx = _context(tmp_path, CurateConfig(), Recording)
     metrics = CurateStage().run(ctx)
     assert metrics["rejected"] == 5 and metrics["duplicates"] > 100
+    assert "hierarchical k-means: levels [160, 16], resampling steps run [5, 5]" in ctx.lines
+    assert not any("resampling steps ran" in line for line in ctx.lines)  # the default asks for none it cannot run
     assert ctx.lines[-1].endswith(f"demo pool's hidden-class balance {metrics['class_balance_before']:.3f} -> "
                                   f"{metrics['class_balance_after']:.3f}")
     assert metrics["class_balance_after"] > metrics["class_balance_before"] + 0.1
