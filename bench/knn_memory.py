@@ -99,7 +99,7 @@ def write_chunks(folder: Path, n: int, d: int, seed: int = 0) -> None:
 
 def run_one(mode: str, step: str, folder: Path) -> dict:
     from data_curation.dedup import deduplicate
-    from data_curation.knn import RowSet, build_ip_index, search_blocks
+    from data_curation.knn import RowSet, build_ip_index
     from data_curation.retrieval import retrieval_picks
 
     parts = [np.load(p, mmap_mode="r") for p in sorted(folder.glob("chunk-*.embedding.npy"))]
@@ -111,8 +111,8 @@ def run_one(mode: str, step: str, folder: Path) -> dict:
     with PeakWatch() as watch:
         if mode == "index":  # faiss's part: the index and the working memory of its searches
             index = build_ip_index(RowSet(parts) if step == "dedup" else RowSet(parts).subset(kept))
-            for _ in search_blocks(index, RowSet(parts) if step == "dedup" else seeds, 17):
-                pass
+            for block in RowSet(parts).blocks() if step == "dedup" else [seeds]:
+                index.index.search(block, 17)  # faiss's search alone, without the exact re-ranking
             result = {"ntotal": int(index.ntotal)}
         elif step == "dedup":
             vectors = np.concatenate(parts) if mode == "loaded" else RowSet(parts)

@@ -80,7 +80,7 @@ def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray
     m = len(unique_rows)
     index = build_ip_index(vectors)
     src, dst = [], []
-    for start, sims, neighbours in search_blocks(index, vectors, min(k + 1, m)):
+    for start, sims, neighbours in search_blocks(index, vectors, min(k + 1, m), exact_above=threshold):
         rows = np.arange(start, start + len(sims))[:, None]
         edge = (sims > threshold) & (neighbours >= 0) & (neighbours != rows)
         src.append(np.broadcast_to(rows, edge.shape)[edge])

@@ -3,6 +3,14 @@
 Vectors come as a :class:`RowSet`: some rows of a list of (N_i, D) arrays, usually the
 memory-mapped embedding chunks. Indexes are filled and searched one block at a time, so
 besides the index itself (what faiss needs) only a block of vectors is ever in RAM.
+
+A large pool's IVF index stores each vector as one byte per dimension (8-bit scalar
+quantization of its residual to its list's centroid: a quarter of float32, ~D + 8 bytes a
+vector with its id). The per-dimension ranges are taken over every stored residual, so
+no value is clipped and a decoded similarity is off by at most ``|q| . range / 510``;
+wherever that leaves a neighbour's similarity in doubt (within that bound of what the caller
+asks for: the dedup threshold, or every neighbour for retrieval), it is computed again
+exactly from the mapped vectors. Similarities that callers see are exact where it matters.
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import numpy as np
 
 # Above this many base vectors an exact (flat) search is replaced by an IVF index.
 FLAT_MAX = 200_000
+# Codes of the IVF index: 8 bits per dimension, ranges per dimension.
+_SQ_TYPE = faiss.ScalarQuantizer.QT_8bit
 # Vectors copied out of the parts per faiss call: 12 MiB at D=384 (faiss's own search tiles
 # are 4,096 queries, so larger blocks are no faster).
 BLOCK_ROWS = 1 << 13
@@ -102,39 +112,98 @@ def faiss_has_gpu_support() -> bool:
     return hasattr(faiss, "StandardGpuResources")
 
 
-def build_ip_index(base: RowSet | np.ndarray, seed: int = 0) -> faiss.Index:
-    """An inner-product index over the (N, D) vectors ``base``, filled block by block."""
+@dataclass
+class IpIndex:
+    """An inner-product faiss index over ``base``; ``error`` (D,) bounds, per dimension, how far
+    a stored vector's decoded value may be from its true one (None: stored exactly)."""
+
+    index: faiss.Index
+    base: RowSet
+    error: np.ndarray | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, exact_above: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, indices), each (B, k), best first. Every similarity that could be at or
+        above ``exact_above`` is exact: those of compressed vectors that may be are computed again
+        from ``base``."""
+        sims, idx = self.index.search(queries, k)
+        if self.error is None:
+            return sims, idx
+        slack = np.abs(queries) @ self.error  # (B,) the most a decoded similarity can be off
+        rows, cols = np.nonzero((idx >= 0) & (sims >= exact_above - slack[:, None]))
+        for start in range(0, len(rows), BLOCK_ROWS):  # at most a block of vectors gathered at once
+            r, c = rows[start:start + BLOCK_ROWS], cols[start:start + BLOCK_ROWS]
+            wanted, where = np.unique(idx[r, c], return_inverse=True)
+            sims[r, c] = np.einsum("nd,nd->n", queries[r], self.base.take(wanted)[where.ravel()])
+        order = np.argsort(-sims, axis=1, kind="stable")
+        return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def build_ip_index(base: RowSet | np.ndarray, seed: int = 0) -> IpIndex:
+    """An inner-product index over the (N, D) vectors ``base``, filled block by block: exact
+    (flat) up to FLAT_MAX vectors, IVF with 8-bit codes above (see the module's docstring)."""
     base = RowSet.of(base)
     n, d = len(base), base.dim
-    if n <= FLAT_MAX:
-        index: faiss.Index = faiss.IndexFlatIP(d)
-        if faiss_gpu_count() > 0:
-            index = faiss.index_cpu_to_all_gpus(index)
-        else:
-            # Reserve the whole vector store up front: grown add by add, each reallocation
-            # holds the old and the new store at once (peak 1.5x the index, measured).
-            index.codes.resize(n * d * 4)
-            index.codes.resize(0)
-    else:
+    if n > FLAT_MAX:
         nlist = int(4 * np.sqrt(n))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, _SQ_TYPE, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        index.train(base.take(np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))))
-        index.nprobe = 16
-        _fill_ivf(index, base)
-        return index
+        # Only the lists' centroids are trained on a sample, as ivf.train would (its clustering
+        # settings); the codes' ranges come from every row, so ivf.train's copy of the sample's
+        # residuals is not needed.
+        sample = base.take(np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False)))
+        sample = sample[np.isfinite(sample).all(axis=1)]  # faiss refuses a NaN; add_core skips its row
+        faiss.Clustering(d, nlist, ivf.cp).train(sample, ivf.quantizer)
+        del sample
+        lists, error = _code_ranges(ivf, base)
+        ivf.is_trained = True
+        ivf.nprobe = 16
+        _fill_ivf(ivf, base, lists)
+        return IpIndex(ivf, base, error)
+    index: faiss.Index = faiss.IndexFlatIP(d)
+    if faiss_gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    else:
+        # Reserve the whole vector store up front: grown add by add, each reallocation
+        # holds the old and the new store at once (peak 1.5x the index, measured).
+        index.codes.resize(n * d * 4)
+        index.codes.resize(0)
     for block in base.blocks():
         index.add(block)
-    return index
+    return IpIndex(index, base)
 
 
-def _fill_ivf(index: faiss.IndexIVF, base: RowSet) -> None:
-    """Add ``base`` to a trained IVF index with every inverted list reserved at its final size:
-    grown add by add, a list's store doubles as it fills and the index peaks at ~1.65x its
-    vectors (measured at 400k x 64). The lists of all rows are found first (8 bytes a row),
-    then each block is added with its lists, not quantized again."""
-    lists = np.concatenate([index.quantizer.search(block, 1)[1][:, 0] for block in base.blocks()])
+def _code_ranges(index: faiss.IndexIVFScalarQuantizer, base: RowSet) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's inverted list (N,), and the codes' per-dimension error bound (D,) once their
+    ranges are set to those of every residual (ranges from a sample would clip the values
+    outside them, past any bound). One pass over ``base``; the lists are 8 bytes a row."""
+    centroids = index.quantizer.reconstruct_n(0, index.nlist)
+    lists, low, high = [], np.full(base.dim, np.inf, np.float32), np.full(base.dim, -np.inf, np.float32)
+    for block in base.blocks():
+        found = index.quantizer.search(block, 1)[1][:, 0]
+        # -1: a NaN row, which add_core skips; an infinite one is stored but sets no range
+        valid = (found >= 0) & np.isfinite(block).all(axis=1)
+        if valid.any():
+            residual = block[valid] - centroids[found[valid]]
+            np.minimum(low, residual.min(axis=0), out=low)
+            np.maximum(high, residual.max(axis=0), out=high)
+        lists.append(found)
+    seen = np.isfinite(low)  # all False when every row is NaN
+    low = np.where(seen, low, 0.0).astype(np.float32)
+    span = np.where(seen, np.maximum(high - low, 1e-12), 1e-12).astype(np.float32)
+    faiss.copy_array_to_vector(np.concatenate([low, span]), index.sq.trained)
+    # A code decodes to the middle of its 1/255 of the range: off by at most half of that, plus
+    # float32 rounding of the sums faiss and numpy make.
+    return np.concatenate(lists), (span / 510.0 * 1.001 + 1e-6).astype(np.float32)
+
+
+def _fill_ivf(index: faiss.IndexIVF, base: RowSet, lists: np.ndarray) -> None:
+    """Add ``base`` to a trained IVF index, row i to list ``lists[i]``, with every inverted list
+    reserved at its final size: grown add by add, a list's store doubles as it fills and the
+    index peaks at ~1.65x its vectors (measured at 400k x 64). Rows are not quantized again."""
     invlists = faiss.downcast_InvertedLists(index.invlists)
     sizes = np.bincount(lists[lists >= 0], minlength=index.nlist)  # -1: a NaN row, which add_core skips
     for list_no in np.flatnonzero(sizes):
@@ -147,23 +216,28 @@ def _fill_ivf(index: faiss.IndexIVF, base: RowSet) -> None:
         start += len(block)
 
 
-def search_blocks(index: faiss.Index, queries: RowSet | np.ndarray,
-                  k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def search_blocks(index: IpIndex, queries: RowSet | np.ndarray, k: int,
+                  exact_above: float = -np.inf) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first query row, similarities, indices) per block of queries, each (B, k); a missing
-    neighbour has index -1. A caller that keeps only some neighbours never holds all (Q, k)."""
+    neighbour has index -1. A caller that keeps only some neighbours never holds all (Q, k).
+    ``exact_above``: see :meth:`IpIndex.search`."""
     start = 0
     for block in RowSet.of(queries).blocks():
-        sims, idx = index.search(block, k)
+        sims, idx = index.search(block, k, exact_above)
         yield start, sims, idx
         start += len(block)
 
 
 def knn_search(base: RowSet | np.ndarray, queries: RowSet | np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, indices), each (Q, k); missing neighbours have index -1."""
+    """(similarities, indices), each (Q, k), exact similarities best first; missing neighbours
+    have index -1. Over a compressed index the k are the best of 2k candidates, re-ranked."""
     base, queries = RowSet.of(base), RowSet.of(queries)
     if len(base) == 0 or len(queries) == 0 or k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    found = list(search_blocks(build_ip_index(base), queries, min(k, len(base))))
+    index = build_ip_index(base)
+    candidates = min(k if index.error is None else 2 * k, len(base))
+    found = [(s[:, :k], i[:, :k]) for _, s, i in search_blocks(index, queries, candidates)]
+    del index
     return_freed_memory()
-    return np.concatenate([s for _, s, _ in found]), np.concatenate([i for _, _, i in found])
+    return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])

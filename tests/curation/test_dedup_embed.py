@@ -162,8 +162,8 @@ def test_an_ivf_index_filled_into_reserved_lists_holds_what_adding_gives(tmp_pat
     monkeypatch.setattr(knn, "BLOCK_ROWS", 64)
     monkeypatch.setattr(knn, "FLAT_MAX", 100)
     vectors = _unit(np.random.default_rng(1).normal(size=(700, 16)))
-    index = knn.build_ip_index(RowSet(_memmapped_parts(tmp_path, vectors, [300, 150, 250])))
-    added = faiss.clone_index(index)
+    index = knn.build_ip_index(RowSet(_memmapped_parts(tmp_path, vectors, [300, 150, 250]))).index
+    added = faiss.clone_index(index)  # the same trained lists and code ranges
     added.reset()
     added.add(vectors)
     assert index.ntotal == added.ntotal == 700
@@ -175,7 +175,46 @@ def test_an_ivf_index_filled_into_reserved_lists_holds_what_adding_gives(tmp_pat
     assert np.array_equal(ids, ids_added) and np.allclose(sims, sims_added) and (ids[:, 0] == np.arange(700)).all()
 
 
+def test_a_large_pools_index_stores_a_byte_a_dimension_within_its_error_bound(monkeypatch):
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng.normal(size=(3000, 32)))
+    built = knn.build_ip_index(vectors)
+    assert built.index.code_size == 32  # float32 would be 128 bytes
+    queries = vectors[:200]
+    sims, ids = built.index.search(queries, 10)  # decoded, not exact
+    off = np.abs(sims - np.einsum("bd,bkd->bk", queries, vectors[ids]))
+    assert off.max() > 1e-4 and (off <= (np.abs(queries) @ built.error)[:, None]).all()
+    exact, exact_ids = built.search(queries, 10)
+    assert np.allclose(exact, np.einsum("bd,bkd->bk", queries, vectors[exact_ids]), atol=1e-6)
+    assert (np.diff(exact, axis=1) <= 0).all()  # still best first
+
+
+def test_dedup_on_a_compressed_index_decides_the_threshold_on_exact_similarities(monkeypatch):
+    # 60 copies just above the threshold and 60 just below: closer to it than the 8-bit codes'
+    # error, so decoded similarities alone would put some on the wrong side.
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    rng = np.random.default_rng(4)
+    base = _unit(rng.normal(size=(600, 32)))
+    side = _unit(rng.normal(size=(120, 32)))
+    side = _unit(side - np.einsum("nd,nd->n", side, base[:120])[:, None] * base[:120])  # orthogonal to its original
+    cosine = np.array([0.9903] * 60 + [0.9897] * 60, dtype=np.float32)[:, None]
+    copies = (cosine * base[:120] + np.sqrt(1 - cosine ** 2) * side).astype(np.float32)
+    result = deduplicate([f"s{i}" for i in range(720)], np.concatenate([base, copies]), threshold=0.99)
+    assert set(np.flatnonzero(~result.kept)) == set(range(600, 660))
+
+
 def test_retrieval_over_selected_chunk_rows():
     pool = RowSet([np.eye(5, dtype=np.float32)[:2], np.eye(5, dtype=np.float32)[2:]])
     seeds = np.array([[0, 0, 0, 0, 1], [0, 0, 1, 0.1, 0]], dtype=np.float32)
     assert retrieval_picks(pool.subset(np.array([1, 2, 4])), seeds, 1).tolist() == [1, 2]  # rows 2 and 4
+
+
+def test_a_nan_row_in_a_large_pool_matches_nothing_and_leaves_the_others_found(monkeypatch):
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    rng = np.random.default_rng(5)
+    vectors = _unit(rng.normal(size=(400, 16)))
+    vectors[10] = _unit(vectors[[3]] + 0.001 * rng.normal(size=(1, 16)))[0]
+    vectors[7] = np.nan  # a descriptor gone wrong upstream: never stored in the lists, never a duplicate
+    result = deduplicate([f"s{i}" for i in range(400)], vectors, threshold=0.99)
+    assert np.flatnonzero(~result.kept).tolist() == [10] and result.kept[7]
