@@ -40,7 +40,8 @@ def bare_loop(prepared: np.ndarray, embedder, batch_size: int) -> tuple[float, f
     first = None
     for start in range(0, len(prepared), batch_size):
         batch = prepared[start:start + batch_size]
-        embed_rows({"pixels": batch, "accepted": np.ones(len(batch), dtype=bool)}, embedder)
+        embed_rows({"pixels": batch, "accepted": np.ones(len(batch), dtype=bool),
+                    "reject_reason": np.full(len(batch), "", dtype=object)}, embedder)
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()

@@ -12,6 +12,8 @@ never stops a curation run. Reasons (they go to the manifest as ``reject_reason`
   checked from the header, before any pixel is decoded
 - ``too_small``: the shorter side is below the configured minimum
 - ``extreme_aspect``: long side / short side above the configured maximum
+- ``embedding_not_finite``: decoded, but the embedder gave it NaN or infinite values (set by
+  ``scan.embed_rows``, not here: k-means and faiss refuse such a vector)
 
 Accepted oddities are normalised instead: EXIF orientation is applied, CMYK and 16-bit
 images are converted, transparency (RGBA, LA, palette with a transparent index) is
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 REJECT_REASONS = ("unreadable", "empty", "not_an_image", "truncated", "corrupt",
-                  "too_many_pixels", "too_small", "extreme_aspect")
+                  "too_many_pixels", "too_small", "extreme_aspect", "embedding_not_finite")
 
 
 @dataclass(frozen=True)

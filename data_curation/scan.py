@@ -74,12 +74,19 @@ def decode_rows(uris: list[str], storage: Storage | None, limits: DecodeLimits,
 
 
 def embed_rows(rows: dict[str, np.ndarray], embedder: Embedder) -> dict[str, np.ndarray]:
-    """Add ``embedding`` (B, dim) to ``rows`` (zeros for rejected rows) and drop ``pixels``."""
+    """Add ``embedding`` (B, dim) to ``rows`` (zeros for rejected rows) and drop ``pixels``. An
+    image the embedder gives NaN or infinite values (a backbone overflowing in low precision) is
+    rejected as ``embedding_not_finite``: one such vector would stop clustering for the pool."""
     out = {k: v for k, v in rows.items() if k != "pixels"}
     accepted = np.asarray(rows["accepted"], dtype=bool)
     embedding = np.zeros((len(accepted), embedder.dim), dtype=np.float32)
     if accepted.any():
         embedding[accepted] = embedder.embed(np.asarray(rows["pixels"])[accepted])
+    broken = accepted & ~np.isfinite(embedding).all(axis=1)
+    if broken.any():
+        embedding[broken] = 0.0
+        out["accepted"] = accepted & ~broken
+        out["reject_reason"] = np.where(broken, "embedding_not_finite", np.asarray(rows["reject_reason"], dtype=object))
     out["embedding"] = embedding
     return out
 

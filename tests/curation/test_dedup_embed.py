@@ -16,6 +16,7 @@ from data_curation.embedders import GradientHistogramEmbedder
 from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, chunk_indices, chunk_name
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
+from data_curation.scan import embed_rows
 from data_curation.storage import Storage
 
 
@@ -218,3 +219,23 @@ def test_a_nan_row_in_a_large_pool_matches_nothing_and_leaves_the_others_found(m
     vectors[7] = np.nan  # a descriptor gone wrong upstream: never stored in the lists, never a duplicate
     result = deduplicate([f"s{i}" for i in range(400)], vectors, threshold=0.99)
     assert np.flatnonzero(~result.kept).tolist() == [10] and result.kept[7]
+
+
+class _OverflowingEmbedder:
+    """A model that overflows on bright inputs, as a backbone in low precision can."""
+
+    name, dim = "overflowing", 2
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        mean = batch.reshape(len(batch), -1).mean(axis=1)
+        return np.stack([np.where(mean > 0.5, np.inf, mean), np.ones_like(mean)], axis=1).astype(np.float32)
+
+
+def test_an_image_whose_embedding_is_not_finite_is_rejected_by_name():
+    rows = {"pixels": np.array([0.2, 0.9, 0.4, 0.8], dtype=np.float32)[:, None],
+            "accepted": np.array([True, True, False, True]),
+            "reject_reason": np.array(["", "", "truncated", ""], dtype=object)}
+    out = embed_rows(rows, _OverflowingEmbedder())
+    assert out["accepted"].tolist() == [True, False, False, False]
+    assert out["reject_reason"].tolist() == ["", "embedding_not_finite", "truncated", "embedding_not_finite"]
+    assert np.isfinite(out["embedding"]).all() and out["embedding"][0].tolist() == [np.float32(0.2), 1.0]

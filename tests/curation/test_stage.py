@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from data_curation.builtin import load_builtin
@@ -18,6 +19,8 @@ from data_curation.decode import REJECT_REASONS
 from data_curation.hkmeans import fit_hierarchy
 from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
+from models import backbone_spec, build_from_spec
+from models.weights import export_backbone
 from orchestration.engine import StageFailed
 from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
@@ -201,6 +204,25 @@ def test_a_pool_of_only_bad_images_fails_in_one_line_naming_sources_and_reasons(
         assert f"{reason} 1" in message
     work = tmp_path / "curate" / "_work"  # emptied, so a resume after fixing the files reads them anew
     assert not (work / "listing").exists() and not (work / "embeddings").exists()
+
+
+def test_a_backbone_giving_nan_rejects_each_image_by_name_not_the_stage_with_a_faiss_error(ray_session, tmp_path):
+    # A backbone whose output is NaN (here its final norm's weights): each image is rejected as
+    # embedding_not_finite; with none left, the stage says so in one line, as for undecodable files.
+    backbone = build_from_spec(backbone_spec("vit_test"))
+    with torch.no_grad():
+        backbone.norm.weight.fill_(float("nan"))
+    export_backbone(backbone, str(tmp_path / "nan-export"), fmt="vfm")
+    pool = tmp_path / "digits"
+    pool.mkdir()
+    for i, image in enumerate(load_builtin("digits").images[:6]):
+        (pool / f"d{i}.png").write_bytes(encode(Image.fromarray(np.kron(image, np.ones((3, 3), np.uint8))), "PNG"))
+    section = CurateConfig.model_validate({"sources": [str(pool)], "embed": {"embedder": str(tmp_path / "nan-export"),
+                                                                            "image_size": 32}})
+    with pytest.raises(ValueError) as caught:
+        CurateStage().run(_context(tmp_path, section))
+    assert "\n" not in str(caught.value) and "none of the 6 images" in str(caught.value)
+    assert "rejected: embedding_not_finite 6" in str(caught.value)
 
 
 def test_a_missing_seed_source_fails_naming_the_field_before_anything_is_embedded(ray_session, mixed_pool, tmp_path):
