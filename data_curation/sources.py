@@ -32,6 +32,7 @@ A :class:`ListingCursor` follows a listing as it goes, so that a listing stopped
 """
 from __future__ import annotations
 
+import csv
 import io
 import posixpath
 import tarfile
@@ -278,8 +279,16 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    short_rows: list[str] = []  # URIs of rows short of the header's later columns, by batch
+
     def skip_malformed(row) -> str:
-        problems.bad_rows += 1
+        # A row short of later columns still has its URI (pandas fills the rest): kept. One with
+        # more fields than the header (an unquoted comma?) cannot say which is the URI: bad.
+        fields = next(csv.reader([row.text]), []) if row.actual_columns < row.expected_columns else []
+        if uri_index < len(fields):
+            short_rows.append(fields[uri_index])
+        else:
+            problems.bad_rows += 1
         return "skip"
 
     base = list_uri.rsplit("/", 1)[0] if "/" in list_uri else "."
@@ -296,14 +305,22 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
                 names = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
                                        convert_options=pacsv.ConvertOptions(check_utf8=False)).schema.names
                 f.seek(0)
+                uri_index = names.index(column) if column in names else -1
+                # One thread: the handler sees rows in file order, the same way every time.
                 batches = None if column not in names else pacsv.open_csv(
-                    f, parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed, ignore_empty_lines=False),
+                    f, read_options=pacsv.ReadOptions(use_threads=False),
+                    parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed, ignore_empty_lines=False),
                     convert_options=pacsv.ConvertOptions(column_types={column: pa.binary()}, include_columns=[column],
                                                          check_utf8=False))
             if batches is None or column not in names:
                 raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {names})")
             for batch in batches:
-                for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+                # Short rows come after the batch read when the reader met them (it parses a block
+                # ahead): not their place in the file, but the same place every time, as resuming
+                # a listing needs.
+                values = batch.column(batch.schema.get_field_index(column)).to_pylist() + short_rows
+                short_rows.clear()
+                for value in values:
                     if (uri := _list_entry(value)) is None:
                         problems.bad_rows += 1
                     else:

@@ -232,6 +232,17 @@ def test_blank_and_malformed_rows_of_a_uri_list_are_skipped_and_counted(tmp_path
     assert problems.bad_rows == 2  # the row with a third field, the row with no URI
 
 
+def test_a_csv_row_short_of_later_columns_keeps_its_uri(tmp_path):
+    # A row that stops before the header's later columns (a trailing label left out) still names
+    # its image; with no field where the URI column is, it is a bad row. Such rows come after
+    # the rows of the batch being read, the same way every time.
+    (tmp_path / "list.csv").write_text('label,uri,note\na,x.png,ok\nb,"y,1.png"\nc\nd,z.png,ok\n')
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.csv"), problems=problems)) == [
+        str(tmp_path / "x.png"), str(tmp_path / "z.png"), str(tmp_path / "y,1.png")]
+    assert problems.bad_rows == 1  # "c": no URI field
+
+
 def test_a_csv_list_reads_only_its_uri_column(tmp_path):
     # pyarrow infers a column's type from the first block (1 MiB): a later "cat" in a column of
     # numbers failed the whole list, on every attempt, though the column is never used
