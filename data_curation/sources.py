@@ -279,17 +279,33 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    short_rows: list[str] = []  # URIs of rows short of the header's later columns, by batch
+    short_rows: list[str] = []  # URIs of rows short of the header's later columns, not yet yielded
 
     def skip_malformed(row) -> str:
         # A row short of later columns still has its URI (pandas fills the rest): kept. One with
         # more fields than the header (an unquoted comma?) cannot say which is the URI: bad.
-        fields = next(csv.reader([row.text]), []) if row.actual_columns < row.expected_columns else []
+        fields: list[str] = []
+        if row.actual_columns < row.expected_columns:
+            try:
+                fields = next(csv.reader([row.text]), [])
+            except csv.Error:  # a field past csv's size limit: this row is bad, not the list
+                pass
         if uri_index < len(fields):
             short_rows.append(fields[uri_index])
         else:
             problems.bad_rows += 1
         return "skip"
+
+    def csv_values(batches) -> Iterator[list]:
+        # Short rows come after the batch read when the reader met them (it parses a block
+        # ahead, of a fixed size): not their place in the file, but the same place every time,
+        # as resuming a listing needs. Those met after the last batch (all of them, when no
+        # row is whole) come last.
+        for batch in batches:
+            values = batch.column(0).to_pylist() + short_rows  # the one column read: the URIs
+            short_rows.clear()
+            yield values
+        yield list(short_rows)
 
     base = list_uri.rsplit("/", 1)[0] if "/" in list_uri else "."
     try:
@@ -297,7 +313,8 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
             if list_uri.lower().endswith(".parquet"):
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
-                batches = pf.iter_batches(columns=[column], batch_size=65536) if column in names else None
+                value_lists = (b.column(0).to_pylist() for b in pf.iter_batches(columns=[column], batch_size=65536)
+                               ) if column in names else None
             else:  # URIs as bytes, decoded row by row (a column of "0001" is not the number 1, and
                 # one row that is not UTF-8 is one bad row, not an unreadable list); only that column
                 # is converted, so a value in another column that its inferred type cannot hold is
@@ -307,19 +324,14 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
                 f.seek(0)
                 uri_index = names.index(column) if column in names else -1
                 # One thread: the handler sees rows in file order, the same way every time.
-                batches = None if column not in names else pacsv.open_csv(
-                    f, read_options=pacsv.ReadOptions(use_threads=False),
+                value_lists = None if column not in names else csv_values(pacsv.open_csv(
+                    f, read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 20),
                     parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed, ignore_empty_lines=False),
                     convert_options=pacsv.ConvertOptions(column_types={column: pa.binary()}, include_columns=[column],
-                                                         check_utf8=False))
-            if batches is None or column not in names:
+                                                         check_utf8=False)))
+            if value_lists is None:
                 raise SourceError(f"source list {list_uri} has no column {column!r} (columns: {names})")
-            for batch in batches:
-                # Short rows come after the batch read when the reader met them (it parses a block
-                # ahead): not their place in the file, but the same place every time, as resuming
-                # a listing needs.
-                values = batch.column(batch.schema.get_field_index(column)).to_pylist() + short_rows
-                short_rows.clear()
+            for values in value_lists:
                 for value in values:
                     if (uri := _list_entry(value)) is None:
                         problems.bad_rows += 1

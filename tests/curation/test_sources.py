@@ -243,6 +243,23 @@ def test_a_csv_row_short_of_later_columns_keeps_its_uri(tmp_path):
     assert problems.bad_rows == 1  # "c": no URI field
 
 
+def test_a_csv_list_whose_rows_are_all_short_lists_every_uri(tmp_path):
+    # No row is whole, so the reader gives no batch at all: the short rows still come out.
+    (tmp_path / "list.csv").write_text("uri,label\na.png\nb.png\n")
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.csv"), problems=problems)) == [
+        str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert problems.bad_rows == 0
+
+
+def test_a_short_csv_row_too_long_for_csv_is_one_bad_row_not_an_unreadable_list(tmp_path):
+    (tmp_path / "list.csv").write_text("uri,label,note\nx.png,a,ok\n" + "y" * 140_000 + ".png,b\nz.png,c,ok\n")
+    problems = ListingProblems()
+    assert list(iter_source(str(tmp_path / "list.csv"), problems=problems)) == [
+        str(tmp_path / "x.png"), str(tmp_path / "z.png")]
+    assert problems.bad_rows == 1
+
+
 def test_a_csv_list_reads_only_its_uri_column(tmp_path):
     # pyarrow infers a column's type from the first block (1 MiB): a later "cat" in a column of
     # numbers failed the whole list, on every attempt, though the column is never used
