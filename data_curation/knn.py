@@ -77,12 +77,15 @@ class RowSet:
 
     def _blocks(self, rows: np.ndarray | None) -> Iterator[np.ndarray]:
         offsets, size = self._offsets, BLOCK_ROWS
-        for i, part in enumerate(self.parts):
+        if rows is not None:  # only the parts that hold some of the rows (a gather may touch few of many)
+            bounds = np.searchsorted(rows, offsets)
+            touched = np.flatnonzero(bounds[1:] > bounds[:-1])
+        for i in range(len(self.parts)) if rows is None else touched:
+            part = self.parts[i]
             if rows is None:
                 local = None
             else:
-                lo, hi = np.searchsorted(rows, offsets[i:i + 2])
-                local = rows[lo:hi] - offsets[i]
+                local = rows[bounds[i]:bounds[i + 1]] - offsets[i]
             count = len(part) if local is None else len(local)
             for start in range(0, count, size):
                 block = part[start:start + size] if local is None else part[local[start:start + size]]
@@ -125,17 +128,24 @@ class IpIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, exact_above: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exact_above: float = -np.inf,
+               first_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, indices), each (B, k), best first. Every similarity that could be at or
         above ``exact_above`` is exact: those of compressed vectors that may be are computed again
-        from ``base``."""
+        from ``base``. ``first_row``: where the queries are base rows in order, the first one's row
+        (a query's match with itself is then computed from the query, not read again)."""
         sims, idx = self.index.search(queries, k)
         if self.error is None:
             return sims, idx
         slack = np.abs(queries) @ self.error  # (B,) the most a decoded similarity can be off
-        rows, cols = np.nonzero((idx >= 0) & (sims >= exact_above - slack[:, None]))
-        for start in range(0, len(rows), BLOCK_ROWS):  # at most a block of vectors gathered at once
-            r, c = rows[start:start + BLOCK_ROWS], cols[start:start + BLOCK_ROWS]
+        doubt = (idx >= 0) & (sims >= exact_above - slack[:, None])
+        if first_row is not None:
+            itself = idx == np.arange(first_row, first_row + len(queries))[:, None]
+            sims[itself] = np.broadcast_to(np.einsum("bd,bd->b", queries, queries)[:, None], idx.shape)[itself]
+            doubt &= ~itself
+        pair_rows, pair_cols = np.nonzero(doubt)
+        for start in range(0, len(pair_rows), BLOCK_ROWS):  # at most a block of vectors gathered at once
+            r, c = pair_rows[start:start + BLOCK_ROWS], pair_cols[start:start + BLOCK_ROWS]
             wanted, where = np.unique(idx[r, c], return_inverse=True)
             sims[r, c] = np.einsum("nd,nd->n", queries[r], self.base.take(wanted)[where.ravel()])
         order = np.argsort(-sims, axis=1, kind="stable")
@@ -149,13 +159,17 @@ def build_ip_index(base: RowSet | np.ndarray, seed: int = 0) -> IpIndex:
     n, d = len(base), base.dim
     if n > FLAT_MAX:
         nlist = int(4 * np.sqrt(n))
-        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, _SQ_TYPE, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        # Only the lists' centroids are trained on a sample, as ivf.train would (its clustering
+        drawn = base.take(np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False)))
+        sample = drawn[np.isfinite(drawn).all(axis=1)]  # faiss refuses a NaN; add_core skips its row
+        del drawn
+        if len(sample) == 0:
+            raise ValueError(f"none of the vectors sampled from the {n} to index is finite (NaN or infinite)")
+        nlist = min(nlist, len(sample))  # a pool of mostly NaN rows: fewer lists
+        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, _SQ_TYPE, faiss.METRIC_INNER_PRODUCT)
+        # Only the lists' centroids are trained on the sample, as ivf.train would (its clustering
         # settings); the codes' ranges come from every row, so ivf.train's copy of the sample's
         # residuals is not needed.
-        sample = base.take(np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False)))
-        sample = sample[np.isfinite(sample).all(axis=1)]  # faiss refuses a NaN; add_core skips its row
         faiss.Clustering(d, nlist, ivf.cp).train(sample, ivf.quantizer)
         del sample
         lists, error = _code_ranges(ivf, base)
@@ -184,16 +198,15 @@ def _code_ranges(index: faiss.IndexIVFScalarQuantizer, base: RowSet) -> tuple[np
     lists, low, high = [], np.full(base.dim, np.inf, np.float32), np.full(base.dim, -np.inf, np.float32)
     for block in base.blocks():
         found = index.quantizer.search(block, 1)[1][:, 0]
-        # -1: a NaN row, which add_core skips; an infinite one is stored but sets no range
+        # -1: a NaN row, which add_core skips. An infinite one is stored clipped, outside any
+        # bound, and sets no range (embed_rows rejects such embeddings; copy descriptors are finite).
         valid = (found >= 0) & np.isfinite(block).all(axis=1)
         if valid.any():
             residual = block[valid] - centroids[found[valid]]
             np.minimum(low, residual.min(axis=0), out=low)
             np.maximum(high, residual.max(axis=0), out=high)
         lists.append(found)
-    seen = np.isfinite(low)  # all False when every row is NaN
-    low = np.where(seen, low, 0.0).astype(np.float32)
-    span = np.where(seen, np.maximum(high - low, 1e-12), 1e-12).astype(np.float32)
+    span = np.maximum(high - low, 1e-12).astype(np.float32)  # finite: the sample's finite rows are here too
     faiss.copy_array_to_vector(np.concatenate([low, span]), index.sq.trained)
     # A code decodes to the middle of its 1/255 of the range: off by at most half of that, plus
     # float32 rounding of the sums faiss and numpy make.
@@ -220,10 +233,12 @@ def search_blocks(index: IpIndex, queries: RowSet | np.ndarray, k: int,
                   exact_above: float = -np.inf) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first query row, similarities, indices) per block of queries, each (B, k); a missing
     neighbour has index -1. A caller that keeps only some neighbours never holds all (Q, k).
-    ``exact_above``: see :meth:`IpIndex.search`."""
+    ``exact_above``: see :meth:`IpIndex.search`; queries that are the index's own base are
+    searched as its rows."""
     start = 0
-    for block in RowSet.of(queries).blocks():
-        sims, idx = index.search(block, k, exact_above)
+    queries = RowSet.of(queries)
+    for block in queries.blocks():
+        sims, idx = index.search(block, k, exact_above, start if queries is index.base else None)
         yield start, sims, idx
         start += len(block)
 

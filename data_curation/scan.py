@@ -83,8 +83,9 @@ def embed_rows(rows: dict[str, np.ndarray], embedder: Embedder) -> dict[str, np.
     if accepted.any():
         embedding[accepted] = embedder.embed(np.asarray(rows["pixels"])[accepted])
     broken = accepted & ~np.isfinite(embedding).all(axis=1)
-    if broken.any():
+    if broken.any():  # zeros, as for every rejected row
         embedding[broken] = 0.0
+        out["copy"] = np.where(broken[:, None], np.float32(0.0), np.asarray(rows["copy"]))
         out["accepted"] = accepted & ~broken
         out["reject_reason"] = np.where(broken, "embedding_not_finite", np.asarray(rows["reject_reason"], dtype=object))
     out["embedding"] = embedding

@@ -234,8 +234,32 @@ class _OverflowingEmbedder:
 def test_an_image_whose_embedding_is_not_finite_is_rejected_by_name():
     rows = {"pixels": np.array([0.2, 0.9, 0.4, 0.8], dtype=np.float32)[:, None],
             "accepted": np.array([True, True, False, True]),
-            "reject_reason": np.array(["", "", "truncated", ""], dtype=object)}
+            "reject_reason": np.array(["", "", "truncated", ""], dtype=object),
+            "copy": np.array([[1.0], [1.0], [0.0], [1.0]], dtype=np.float32)}
     out = embed_rows(rows, _OverflowingEmbedder())
     assert out["accepted"].tolist() == [True, False, False, False]
     assert out["reject_reason"].tolist() == ["", "embedding_not_finite", "truncated", "embedding_not_finite"]
     assert np.isfinite(out["embedding"]).all() and out["embedding"][0].tolist() == [np.float32(0.2), 1.0]
+    assert out["copy"].ravel().tolist() == [1.0, 0.0, 0.0, 0.0]  # zeros for every rejected row
+
+
+def test_retrieval_over_a_compressed_index_returns_exact_similarities_best_first(monkeypatch):
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    vectors = _unit(np.random.default_rng(6).normal(size=(2000, 32)))
+    queries = vectors[:50]
+    sims, ids = knn.knn_search(vectors, queries, 8)
+    assert sims.shape == ids.shape == (50, 8) and (ids >= 0).all()
+    assert np.allclose(sims, np.einsum("bd,bkd->bk", queries, vectors[ids]), atol=1e-6)
+    assert (np.diff(sims, axis=1) <= 0).all() and (ids[:, 0] == np.arange(50)).all()
+
+
+def test_a_large_pool_of_mostly_nan_rows_is_indexed_with_fewer_lists(monkeypatch):
+    monkeypatch.setattr(knn, "FLAT_MAX", 100)
+    rng = np.random.default_rng(7)
+    vectors = np.full((400, 16), np.nan, dtype=np.float32)
+    vectors[:20] = _unit(rng.normal(size=(20, 16)))
+    vectors[20] = _unit(vectors[[3]] + 0.001 * rng.normal(size=(1, 16)))[0]
+    result = deduplicate([f"s{i}" for i in range(400)], vectors, threshold=0.99)
+    assert np.flatnonzero(~result.kept).tolist() == [20]
+    with pytest.raises(ValueError, match="none of the vectors sampled from the 400 to index is finite"):
+        knn.build_ip_index(np.full((400, 16), np.nan, dtype=np.float32))
