@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 import tarfile
 from collections import defaultdict
@@ -41,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from data_curation.storage import Storage
+from data_curation.storage import Storage, is_utf8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                     ".pbm", ".avif", ".jp2", ".j2k")
@@ -252,12 +253,19 @@ def _sniff(uri: str, storage: Storage) -> bool:
 def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iterator[Listed]:
     listed: set[str] = set()  # a tar's member names: thousands, not millions
     repeated = 0
+    unnamed = {"is not UTF-8": 0, "holds '::' (a tar member URI's separator)": 0}  # members no URI can name
     try:
         with storage.open(tar_uri, "rb") as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
             plain = getattr(tar.fileobj, "comptype", None) == "tar"  # not gzipped: members can be read alone
             for member in tar:
                 if member.isfile() and has_image_extension(member.name):
+                    if not is_utf8(member.name):  # a listing and a manifest hold UTF-8 text
+                        unnamed["is not UTF-8"] += 1
+                        continue
+                    if "::" in member.name:
+                        unnamed["holds '::' (a tar member URI's separator)"] += 1
+                        continue
                     if member.name in listed:
                         repeated += 1
                         continue
@@ -272,6 +280,10 @@ def _iter_tar(tar_uri: str, storage: Storage, problems: ListingProblems) -> Iter
     if repeated:
         problems.broken_tars.append(f"tar {tar_uri} repeats {repeated} image member names: "
                                     f"only the first member of each name is listed")
+    for why, count in unnamed.items():
+        if count:
+            problems.broken_tars.append(f"tar {tar_uri} has {count} image member{'s' * (count != 1)} "
+                                        f"with a name that {why}: not listed")
 
 
 def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: ListingProblems) -> Iterator[str]:
@@ -307,7 +319,10 @@ def _iter_uri_list(list_uri: str, storage: Storage, column: str, problems: Listi
             yield values
         yield list(short_rows)
 
-    base = list_uri.rsplit("/", 1)[0] if "/" in list_uri else "."
+    # A relative entry is relative to the list's folder; on a local disk, made absolute there, so
+    # that the listing and the manifest do not depend on the folder the run was started in.
+    base = list_uri.rsplit("/", 1)[0] if Storage.is_remote(list_uri) else os.path.dirname(
+        os.path.abspath(list_uri.removeprefix("file://")))
     try:
         with storage.open(list_uri, "rb") as f:
             if list_uri.lower().endswith(".parquet"):

@@ -77,6 +77,20 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (os and tarfile keep them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """``name`` with its bytes that are not UTF-8 written as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -118,6 +132,8 @@ class Storage:
 
     @staticmethod
     def join(base: str, *parts: str) -> str:
+        if base.startswith("file://"):
+            return "file://" + str(Path(base.removeprefix("file://"), *parts))
         if not _is_remote(base):
             return str(Path(base, *parts))
         return posixpath.join(base.rstrip("/"), *parts)
@@ -171,8 +187,9 @@ class Storage:
         symlinks are followed, into folders too (as torchvision's ImageFolder does), and their
         files keep the path through the link; left out, each with a line to ``skipped``: a
         folder below ``uri`` that cannot be listed (no permission), a symlink to a folder it
-        is in (a loop), and what is neither a file nor a folder (a FIFO, a socket, a device).
-        A broken symlink is listed like a file, for its reader to fail on.
+        is in (a loop), what is neither a file nor a folder (a FIFO, a socket, a device), and
+        a file or folder whose name is not UTF-8 (a URI of it could not be written down). A
+        broken symlink is listed like a file, for its reader to fail on.
 
         ``after``, a file URI this walk gave before, starts the walk after it without listing
         what comes before (S3's StartAfter; folders that sort before it are not opened).
@@ -444,6 +461,9 @@ class _FolderWalk:
 
     def _kind(self, entry: dict, name: str, here: tuple[str, ...]) -> tuple[str, str | None]:
         """("folder" or "file", None), or ("left out", the line that reports it)."""
+        if not is_utf8(name):  # a listing, a manifest and a shard key hold UTF-8 text
+            what = "folder" if entry["type"] == "directory" else "file"
+            return "left out", f"{what} {printable(self._name(name))} has a name that is not UTF-8: not listed"
         if entry["type"] == "directory":
             return "folder", None
         if entry["type"] == "file" or not self.local:

@@ -156,12 +156,15 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
                           "uri": pa.array([item.uri for item in batch], pa.string()),
                           "span_start": pa.array([item.span[0] if item.span else -1 for item in batch], pa.int64()),
                           "span_end": pa.array([item.span[1] if item.span else -1 for item in batch], pa.int64())})
+        rows[index] = len(batch)
+        # Only a listing's last chunk is short, but a listing that ended before its _DONE was
+        # written, of sources that have grown since, goes on after it: the short ones are named.
+        short = {str(i): n for i, n in rows.items() if n < chunk_size}
         where = {"sources": _sources_digest(sources), "chunk_size": chunk_size, "cursor": cursor.to_json(),
-                 "format": _LISTING_FORMAT}
+                 "format": _LISTING_FORMAT, "short": short}
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({_LISTING_CURSOR: json.dumps(where)}), buf)
         storage.write_bytes(_listing_chunk(root, index), buf.getvalue())
-        rows[index] = len(batch)
         batch.clear()
         if (now := time.monotonic()) - last_log >= log_every_s:
             last_log = now
@@ -207,7 +210,8 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
         if (where.get("sources") != _sources_digest(sources) or where.get("chunk_size") != chunk_size
                 or where.get("format") != _LISTING_FORMAT):
             break
-        rows = {i: chunk_size for i in range(last)}
+        short = where.get("short", {})
+        rows = {i: int(short.get(str(i), chunk_size)) for i in range(last)}
         rows[last] = meta.num_rows
         return rows, ListingCursor.from_json(where["cursor"])
     return {}, ListingCursor()

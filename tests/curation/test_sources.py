@@ -1,6 +1,7 @@
 """Image sources (folders, URI lists, WebDataset tars, S3 prefixes) and reading their items back."""
 
 import io
+import os
 import tarfile
 
 import pyarrow as pa
@@ -43,7 +44,7 @@ def test_folder_listing_is_recursive_by_extension_and_by_sniffing(tmp_path):
     assert "noext" not in [u.rsplit("/", 1)[1] for u in iter_source(str(tmp_path), sniff=False)]
 
 
-def test_uri_lists_in_parquet_and_csv_with_relative_entries(tmp_path):
+def test_uri_lists_in_parquet_and_csv_with_relative_entries(tmp_path, monkeypatch):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "x.png").write_bytes(PNG)
     absolute = str(tmp_path / "img" / "x.png")
@@ -53,6 +54,13 @@ def test_uri_lists_in_parquet_and_csv_with_relative_entries(tmp_path):
     assert list(iter_source(str(tmp_path / "list.csv"))) == [absolute]
     with pytest.raises(SourceError, match="no column 'uri'"):
         list(iter_source(str(tmp_path / "list.parquet")))
+    # A list named as a file:// URI, or by a path relative to the working folder: the same
+    # absolute URIs, which a run started from another folder (a resume) still reads.
+    assert list(iter_source(f"file://{tmp_path}/list.csv")) == [absolute]
+    monkeypatch.chdir(tmp_path / "img")
+    assert list(iter_source("../list.csv")) == [absolute]
+    assert read_many([absolute, f"file://{absolute}"]) == [PNG, PNG]
+    assert Storage.join(f"file://{tmp_path}", "img", "x.png") == f"file://{absolute}"
 
 
 def test_webdataset_tar_members_are_items_and_read_back(tmp_path):
@@ -81,6 +89,29 @@ def test_gzipped_tars_are_shards_too_and_a_repeated_member_name_is_listed_once(t
     (tmp_path / "pool" / "s.tar.gz").write_bytes(shard.read_bytes())
     assert [split_tar_member_uri(u) for u in iter_source(str(tmp_path / "pool"))] == [
         (str(tmp_path / "pool" / "s.tar.gz"), name) for name in ("k1.png", "k2.jpg", "k4.png")]
+
+
+def test_names_that_no_uri_can_hold_are_skipped_and_reported_not_a_failed_listing(tmp_path):
+    pool = os.fsencode(tmp_path / "pool")
+    os.makedirs(os.path.join(pool, b"caf\xe9"))  # Latin-1 names, as old archives and zips leave them
+    for name in (b"ok.png", b"caf\xe9.png", b"caf\xe9/inside.png"):
+        with open(os.path.join(pool, name), "wb") as f:
+            f.write(PNG)
+    with tarfile.open(os.path.join(pool, b"s.tar"), "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ("k1.png", "caf\xe9.png", "caf\xe9-2.png", "2024-01-01T10::00.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(PNG)
+            tar.addfile(info, io.BytesIO(PNG))
+    problems = ListingProblems()
+    uris = list(iter_source(str(tmp_path / "pool"), problems=problems))
+    assert uris == [f"{tmp_path}/pool/ok.png", f"tar://k1.png::{tmp_path}/pool/s.tar"]
+    assert problems.lines() == [
+        f"tar {tmp_path}/pool/s.tar has 2 image members with a name that is not UTF-8: not listed",
+        f"tar {tmp_path}/pool/s.tar has 1 image member with a name that holds '::' (a tar member URI's separator): "
+        f"not listed",
+        f"folder {tmp_path}/pool/caf\\xe9 has a name that is not UTF-8: not listed",
+        f"file {tmp_path}/pool/caf\\xe9.png has a name that is not UTF-8: not listed"]
+    assert read_many(uris) == [PNG, PNG]
 
 
 def test_avif_and_jpeg2000_are_listed_by_extension_and_by_sniffing(tmp_path):

@@ -298,6 +298,27 @@ def test_a_listing_stopped_part_way_picks_up_after_its_last_whole_chunk(mixed_po
     assert not [line for line in lines if "picking up" in line]
 
 
+def test_a_listing_that_ended_without_its_done_mark_goes_on_after_its_short_chunk(tmp_path):
+    pool, root = tmp_path / "pool", str(tmp_path / "listing")
+    pool.mkdir()
+    png = encode(Image.fromarray(np.zeros((16, 16), np.uint8)), "PNG")
+    for i in range(5):
+        (pool / f"a{i}.png").write_bytes(png)
+
+    def listing():
+        return write_listing([str(pool)], root, Storage(), chunk_size=2, sniff=True, uri_column="uri")[0]
+
+    assert listing() == {0: 2, 1: 2, 2: 1}
+    (tmp_path / "listing" / "_DONE.json").unlink()  # killed after its last chunk, before the mark
+    for i in range(3):  # and the folder has grown since
+        (pool / f"b{i}.png").write_bytes(png)
+    assert listing() == {0: 2, 1: 2, 2: 1, 3: 2, 4: 1}
+    (tmp_path / "listing" / "_DONE.json").unlink()
+    rows = listing()  # picks up after chunk 4, knowing that chunk 2 is short
+    assert rows == {i: pq.read_metadata(tmp_path / "listing" / f"chunk-{i:06d}.parquet").num_rows for i in range(5)}
+    assert sorted(pq.read_table(root).column("uri").to_pylist()) == sorted(str(p) for p in pool.iterdir())
+
+
 def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_pool, tmp_path):
     section = _section(mixed_pool)
     with pytest.raises(KeyboardInterrupt):
