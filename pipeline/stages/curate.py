@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -356,7 +357,7 @@ class CurateStage(Stage):
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)
         selected_by[kept_rows[picked]] = "balanced"
-        retrieved = self._retrieve(cfg, ctx, limits, chunks, dedup.kept, seed_uris)
+        retrieved, seeds_used = self._retrieve(cfg, ctx, limits, chunks, dedup.kept, seed_uris)
         fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
         selected_by[fresh] = "retrieval"
 
@@ -380,6 +381,7 @@ class CurateStage(Stage):
             "selected": float((selected_by != None).sum()),  # noqa: E711
             "selected_balanced": float((selected_by == "balanced").sum()),
             "selected_retrieval": float((selected_by == "retrieval").sum()),
+            "retrieval_seeds": float(len(seed_uris)), "retrieval_seeds_used": float(seeds_used),
             "balance_before": normalized_entropy(top, len(np.unique(top))),
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
@@ -467,18 +469,36 @@ class CurateStage(Stage):
         except SourceError as exc:
             raise SourceError(f"curate.retrieval.seeds: {exc}") from None
         _log_problems(ctx, problems, "retrieval seeds: ")
+        if cfg.retrieval.seeds and not uris:
+            skipped = "; ".join(problems.lines())
+            raise SourceError(f"curate.retrieval.seeds: no images found in {cfg.retrieval.seeds}"
+                              + (f" ({skipped})" if skipped else ""))
         return uris
 
     @staticmethod
     def _retrieve(cfg, ctx: StageContext, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray,
-                  seed_uris: list[str]) -> np.ndarray:
-        """Positions among kept rows of the k nearest pool images of each seed image."""
+                  seed_uris: list[str]) -> tuple[np.ndarray, int]:
+        """Positions among kept rows of the k nearest pool images of each seed image, and the
+        number of seed images used. Seeds are decoded with the pool's limits: a rejected seed
+        is logged with its reason, and none left is an error (the pool's chunks stay)."""
         if not seed_uris:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.int64), 0
         embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
         seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
+        used = int(seeds["accepted"].sum())
+        reasons = Counter(r for r, ok in zip(seeds["reject_reason"], seeds["accepted"], strict=True) if not ok)
+        rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+        if used == 0:
+            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {len(seed_uris)} seed "
+                             f"images could be used; rejected: {rejected}")
+        for uri, reason in list(zip(seeds["uri"], seeds["reject_reason"], strict=True))[:20]:
+            if reason:
+                ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
         pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
-        return retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
+        picks = retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
+        ctx.log(f"retrieval: {used} of {len(seed_uris)} seed images used" + (f" ({rejected} rejected)" if rejected else "")
+                + f"; {len(picks)} pool images within the {cfg.retrieval.k} nearest of a seed")
+        return picks, used
 
     @staticmethod
     def _save_hierarchy(ctx: StageContext, hierarchy: Hierarchy) -> None:

@@ -83,6 +83,7 @@ def mixed_pool(tmp_path_factory) -> Path:
     for i in (40, 41):
         big = np.kron(digits.images[i], np.ones((3, 3), dtype=np.uint8))
         (seeds / f"s{i}.png").write_bytes(encode(Image.fromarray(big), "PNG"))
+    (seeds / "s-empty.png").write_bytes(b"")
     return root
 
 
@@ -145,6 +146,12 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
     for _, row in selected.iterrows():  # the shard stage re-reads the bytes and checks them
         assert Storage().read_bytes(row.uri) and row.sha256 == row.id
     assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
+    assert metrics["retrieval_seeds"] == 3 and metrics["retrieval_seeds_used"] == 2
+    assert f"retrieval seeds: {mixed_pool}/seeds/s-empty.png rejected: empty" in ctx.lines
+    retrieval = [line for line in ctx.lines if line.startswith("retrieval: ")]
+    assert len(retrieval) == 1 and re.fullmatch(  # 2 seeds x k = 2
+        r"retrieval: 2 of 3 seed images used \(empty 1 rejected\); [1-4] pool images within the 2 nearest of a seed",
+        retrieval[0])
 
 
 def test_the_embedding_pool_takes_one_gpu_actor_per_gpu_for_a_backbone_and_one_cpu_actor_otherwise():
@@ -231,6 +238,30 @@ def test_a_missing_seed_source_fails_naming_the_field_before_anything_is_embedde
     with pytest.raises(SourceError, match=r"^curate\.retrieval\.seeds: source .*no-seeds does not exist$"):
         CurateStage().run(_context(tmp_path, section))
     assert not list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*"))
+
+
+def test_seed_sources_without_images_fail_before_the_pool_is_embedded(ray_session, mixed_pool, tmp_path):
+    section = _section(mixed_pool).model_copy(deep=True)
+    (tmp_path / "empty-seeds").mkdir()
+    (tmp_path / "empty-seeds" / "notes.txt").write_text("no images here")
+    section.retrieval.seeds = [str(tmp_path / "empty-seeds")]
+    with pytest.raises(SourceError, match=r"^curate\.retrieval\.seeds: no images found in \[.*empty-seeds'\]$"):
+        CurateStage().run(_context(tmp_path, section))
+    assert not list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*"))
+
+
+def test_seed_images_that_are_all_rejected_fail_in_one_line_and_the_pool_stays_embedded(ray_session, mixed_pool,
+                                                                                       tmp_path):
+    section = _section(mixed_pool).model_copy(deep=True)
+    (tmp_path / "bad-seeds").mkdir()
+    (tmp_path / "bad-seeds" / "a.png").write_bytes(b"")
+    (tmp_path / "bad-seeds" / "b.png").write_bytes(b"not an image at all")
+    section.retrieval.seeds = [str(tmp_path / "bad-seeds")]
+    with pytest.raises(ValueError) as caught:
+        CurateStage().run(_context(tmp_path, section))
+    assert str(caught.value) == (f"curate.retrieval.seeds ['{tmp_path}/bad-seeds']: none of the 2 seed images could "
+                                 f"be used; rejected: empty 1, not_an_image 1")
+    assert len(list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*.parquet"))) == 4
 
 
 def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, mixed_pool, tmp_path):
