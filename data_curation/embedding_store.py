@@ -9,13 +9,17 @@ files under the store's folder (a URI, local or s3://):
   presence means the chunk is complete and a resumed run skips it.
 
 Reading maps the .npy files (copied to a local cache first when the store is on S3), so
-only what a step touches is paged in.
+only what a step touches is paged in. Each write of a chunk gets a new generation, kept in
+the Parquet file's metadata; a local copy is named by the generation it was made from, so
+a node whose cache outlived the chunk (the stage re-embedded under new settings, while only
+the driver's cache was cleared) never maps the old vectors.
 """
 from __future__ import annotations
 
 import io
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ import pyarrow.parquet as pq
 from data_curation.storage import Storage
 
 _CHUNK_RE = re.compile(r"chunk-(\d{6,})\.parquet$")  # past 999999 the name grows
+_GENERATION_KEY = b"vfm.generation"  # a chunk's Parquet metadata: which write of the chunk it is
 
 
 def chunk_name(index: int) -> str:
@@ -82,18 +87,50 @@ def with_later_columns(table: pa.Table) -> pa.Table:
     return table
 
 
+def _without_metadata(table: pa.Table) -> pa.Table:
+    """``table`` without the file's metadata (the generation), which the manifest does not carry.
+    A table of no columns is left as it is: pyarrow would lose its row count."""
+    return table.replace_schema_metadata(None) if table.num_columns else table
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
     return buf.getvalue()
 
 
+class MappedVectors:
+    """The (rows, dim) vectors of a local .npy file, memory-mapped only while a slice of them is
+    in use. Every open map holds a file descriptor (a process has 1,024 to 65,536) and counts
+    against the kernel's map limit (65,530): a pool of tens of thousands of chunks cannot keep
+    two maps open per chunk from listing to manifest."""
+
+    def __init__(self, path: str):
+        self.path = path
+        mapped = self._map()
+        self.shape, self.dtype = mapped.shape, mapped.dtype
+
+    def _map(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, key) -> np.ndarray:
+        """A view of the mapped file, which stays mapped until the view is dropped."""
+        return self._map()[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self._map(), dtype=dtype)
+
+
 @dataclass
 class Chunk:
     index: int
     meta: pa.Table  # one row per listed URI
-    embedding: np.ndarray  # (n_accepted, dim), memory-mapped
-    copy: np.ndarray  # (n_accepted, copy_dim), memory-mapped
+    embedding: MappedVectors  # (n_accepted, dim)
+    copy: MappedVectors  # (n_accepted, copy_dim)
+    generation: str | None = None  # which write of the chunk (None: written before they were kept)
 
 
 class ChunkStore:
@@ -115,7 +152,8 @@ class ChunkStore:
         self.storage.write_bytes(f"{base}.embedding.npy", _npy_bytes(np.asarray(rows["embedding"])[accepted]))
         self.storage.write_bytes(f"{base}.copy.npy", _npy_bytes(np.asarray(rows["copy"])[accepted]))
         buf = io.BytesIO()
-        pq.write_table(meta_table(rows), buf)
+        table = meta_table(rows)
+        pq.write_table(table.replace_schema_metadata({_GENERATION_KEY: uuid.uuid4().hex.encode()}), buf)
         self.storage.write_bytes(f"{base}.parquet", buf.getvalue())
 
     def clear(self) -> None:
@@ -124,31 +162,52 @@ class ChunkStore:
         if self.cache_dir is not None:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
 
-    def _local(self, uri: str) -> str:
+    def _local(self, uri: str, generation: str | None) -> str:
+        """A local path of ``uri``: itself on a local store, else a copy in ``cache_dir``, in a
+        folder of its own, named by the chunk's ``generation`` (asked of the store when not given:
+        a chunk written before generations were kept is named by its object's version). Copies of
+        other writes are removed when a new one is fetched."""
         if not Storage.is_remote(uri):
             return uri
         if self.cache_dir is None:
             raise ValueError(f"a local cache_dir is needed to memory-map {uri}")
-        local = self.cache_dir / Path(uri).name
+        name = Path(uri)
+        folder = self.cache_dir / name.stem  # chunk-000007.embedding/
+        local = folder / f"{generation or self.storage.version(uri)}{name.suffix}"
         if not local.exists():
+            (self.cache_dir / name.name).unlink(missing_ok=True)  # a copy kept before generations were
+            for old in folder.iterdir() if folder.is_dir() else ():
+                if old != local and not old.name.startswith("."):  # (a dot: another process's download)
+                    old.unlink(missing_ok=True)  # a process that maps it keeps its pages
             self.storage.get_file(uri, local)
         return str(local)
+
+    def _meta(self, index: int, columns: Sequence[str] | None) -> tuple[pa.Table, str | None]:
+        data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
+        schema = pq.ParquetFile(data).schema_arrow
+        generation = (schema.metadata or {}).get(_GENERATION_KEY)
+        generation = generation.decode() if generation else None
+        if columns is None:
+            return with_later_columns(_without_metadata(pq.read_table(data))), generation
+        table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS])
+        return with_later_columns(_without_metadata(table)).select(list(columns)), generation
 
     def read_meta(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Chunk ``index``'s metadata: every column, or only ``columns`` (``()``: none, the row
         count alone); the :data:`LATER_COLUMNS` of older chunks are null (:func:`with_later_columns`)."""
-        data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
-        if columns is None:
-            return with_later_columns(pq.read_table(data))
-        present = set(pq.ParquetFile(data).schema_arrow.names)
-        table = pq.read_table(data, columns=[c for c in columns if c in present or c not in LATER_COLUMNS])
-        return with_later_columns(table).select(list(columns))
+        return self._meta(index, columns)[0]
 
-    def vectors(self, index: int, kind: str) -> np.ndarray:
-        """Chunk ``index``'s ``kind`` vectors ("embedding" or "copy"), memory-mapped."""
-        return np.load(self._local(Storage.join(self.root, f"{chunk_name(index)}.{kind}.npy")), mmap_mode="r")
+    def _vector_file(self, index: int, kind: str, generation: str | None) -> str:
+        return self._local(Storage.join(self.root, f"{chunk_name(index)}.{kind}.npy"), generation)
+
+    def vectors(self, index: int, kind: str, generation: str | None = None) -> np.ndarray:
+        """Chunk ``index``'s ``kind`` vectors ("embedding" or "copy"), memory-mapped; ``generation``:
+        the chunk's (:attr:`Chunk.generation`), which saves asking a remote store for it."""
+        return np.load(self._vector_file(index, kind, generation), mmap_mode="r")
 
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
-        """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`) and its mapped vectors."""
-        return Chunk(index, self.read_meta(index, columns), self.vectors(index, "embedding"),
-                     self.vectors(index, "copy"))
+        """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`), its vectors (mapped
+        when read, see :class:`MappedVectors`) and its generation."""
+        meta, generation = self._meta(index, columns)
+        return Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),
+                     MappedVectors(self._vector_file(index, "copy", generation)), generation)

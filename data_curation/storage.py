@@ -7,6 +7,7 @@ into :class:`StorageError` with one line that names the URI.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -164,6 +165,14 @@ class Storage:
     def size(self, uri: str) -> int:
         fs, path = self.fs(uri)
         return int(self._guard(uri, "stat", fs.size, path))
+
+    def version(self, uri: str) -> str:
+        """A short tag that changes when the object ``uri`` is written again: from its ETag on S3,
+        else its modification or creation time, with its size."""
+        fs, path = self.fs(uri)
+        info = self._guard(uri, "stat", fs.info, path)
+        stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), "")
+        return hashlib.sha256(f"{stamp}:{info.get('size')}".encode()).hexdigest()[:16]
 
     def ls(self, uri: str) -> list[str]:
         """The URIs directly under ``uri`` (sorted); empty if it does not exist. Listed anew, not

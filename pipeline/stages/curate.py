@@ -454,8 +454,7 @@ class CurateStage(Stage):
         gpus = assign_task_gpus(cfg.cluster, cluster_gpus)
         ctx.log(f"level-1 assignment: {len(chunks)} chunk task{'s' * (len(chunks) != 1)}"
                 + (f", {gpus:g} GPU each" if gpus else " on CPU"))
-        assigned = assign_chunks(store, [c.index for c in chunks], hierarchy.centroids[0], ctx.cache_dir / "assign",
-                                 gpus=gpus)
+        assigned = assign_chunks(store, {c.index: c.generation for c in chunks}, hierarchy.centroids[0], gpus=gpus)
         labels = np.concatenate([assigned[c.index][0] for c in chunks])[kept]
         distance = np.concatenate([assigned[c.index][1] for c in chunks])[kept]
         return hierarchy, labels, distance

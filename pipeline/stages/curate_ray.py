@@ -14,7 +14,6 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -137,8 +136,8 @@ def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options
     centroids = ray.get(centroids_ref[0])  # wrapped in a list so Ray passes the reference, not the value
     store = ChunkStore(store_root, Storage(storage_options), cache_dir)
     out: dict[str, list[np.ndarray]] = {"chunk": [], "position": [], "label": [], "distance": []}
-    for index in np.asarray(batch["chunk"], dtype=np.int64):
-        embedding = store.vectors(int(index), "embedding")
+    for index, generation in zip(np.asarray(batch["chunk"], dtype=np.int64), batch["generation"], strict=True):
+        embedding = store.vectors(int(index), "embedding", str(generation) or None)
         labels, dist = assign(embedding, centroids)
         out["chunk"].append(np.full(len(labels), index, dtype=np.int64))
         out["position"].append(np.arange(len(labels), dtype=np.int64))
@@ -147,16 +146,20 @@ def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def assign_chunks(store: ChunkStore, chunk_indices: list[int], centroids: np.ndarray,
-                  cache_dir: Path, gpus: float = 0.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Level-1 (labels, squared distances) of every accepted row of each chunk, one Ray task
-    per chunk reserving ``gpus`` (faiss searches on the GPUs it sees: none without one)."""
+def assign_chunks(store: ChunkStore, chunks: dict[int, str | None], centroids: np.ndarray,
+                  gpus: float = 0.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Level-1 (labels, squared distances) of every accepted row of each chunk (index ->
+    generation, see :attr:`Chunk.generation`), one Ray task per chunk reserving ``gpus`` (faiss
+    searches on the GPUs it sees: none without one). A task maps its chunk through the store's
+    cache folder, the same path on every node (on the driver's node, the driver's copy)."""
     _quiet_data_context()
+    chunk_indices = list(chunks)
     ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
-    ds = ray.data.from_items([{"chunk": int(i)} for i in chunk_indices])
+    ds = ray.data.from_items([{"chunk": int(i), "generation": chunks[i] or ""} for i in chunk_indices])
     ds = ds.map_batches(_assign_batch, batch_size=1, batch_format="numpy", num_gpus=gpus or None,
                         fn_kwargs={"store_root": store.root, "storage_options": store.storage.s3,
-                                   "cache_dir": str(cache_dir), "centroids_ref": [ref]})
+                                   "cache_dir": str(store.cache_dir) if store.cache_dir else None,
+                                   "centroids_ref": [ref]})
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
     with _storage_errors_in_one_line():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,5 +1,6 @@
 import hashlib
 import io
+import os
 
 import faiss
 import numpy as np
@@ -88,6 +89,51 @@ def test_old_chunks_read_with_null_later_columns(tmp_path):
     assert picked.column_names == ["sha256", "bytes"] and picked["bytes"].null_count == 2
     assert store.read_meta(0).column_names[-3:] == list(LATER_COLUMNS)
     assert store.read_meta(0, ()).num_rows == 2 and store.vectors(0, "embedding").shape == (1, 3)
+
+
+def _chunk_rows(value: float, n: int) -> dict[str, np.ndarray]:
+    return {"uri": np.array([f"u{i}.png" for i in range(n)], dtype=object),
+            "id": np.array([str(i) for i in range(n)], dtype=object), "sha256": np.array([""] * n, dtype=object),
+            "width": np.full(n, 8), "height": np.full(n, 8), "reject_reason": np.array([""] * n, dtype=object),
+            "accepted": np.ones(n, bool), "embedding": np.full((n, 4), value), "copy": np.zeros((n, 2))}
+
+
+def test_a_remote_chunk_written_again_is_not_mapped_from_another_nodes_old_copy(s3, tmp_path):
+    """A node's cache outlives a chunk that the stage wrote anew (another embedder, --force):
+    the driver clears its own cache only; an assignment task elsewhere maps the new chunk."""
+    root = s3.uri("embeddings")
+    driver = ChunkStore(root, s3.storage, tmp_path / "driver")
+    node = ChunkStore(root, s3.storage, tmp_path / "node")
+    driver.write(0, _chunk_rows(1.0, 3))
+    first = driver.read(0)
+    assert first.generation and node.vectors(0, "embedding", first.generation)[:, 0].tolist() == [1, 1, 1]
+    driver.clear()
+    driver.write(0, _chunk_rows(7.0, 5))
+    again = driver.read(0)
+    assert again.generation != first.generation and again.embedding[:, 0].tolist() == [7] * 5
+    assert node.vectors(0, "embedding", again.generation)[:, 0].tolist() == [7] * 5
+    assert node.vectors(0, "copy").shape == (5, 2)  # no generation given: the object's version names the copy
+    assert len(list((tmp_path / "node" / "chunk-000000.embedding").iterdir())) == 1  # the old copy is gone
+
+
+def test_chunks_read_for_a_whole_pool_hold_no_open_file_or_map_between_reads(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    for index in range(40):
+        store.write(index, _chunk_rows(float(index), 3))
+
+    def held() -> tuple[int, int]:  # open files and maps of the chunk folder
+        fds = sum(os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path)) for fd in os.listdir("/proc/self/fd"))
+        with open("/proc/self/maps") as f:
+            return fds, sum(str(tmp_path) in line for line in f)
+
+    chunks = [store.read(index) for index in range(40)]
+    assert held() == (0, 0)  # two per chunk before: 80 of each, as many as a process may have at 40k chunks
+    rows = RowSet([c.embedding for c in chunks])
+    assert len(rows) == 120 and rows.dim == 4
+    assert rows.take(np.array([0, 5, 119]))[:, 0].tolist() == [0, 1, 39]
+    shape = np.asarray(chunks[7].copy).shape
+    assert shape == (3, 2)
+    assert held() == (0, 0)
 
 
 def test_near_duplicates_form_connected_components():
