@@ -78,6 +78,11 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def _is_chained(uri: str) -> bool:
+    """Whether ``uri`` is a chain of filesystems, as tar members' URIs are (tar://member::tar_uri)."""
+    return uri.startswith("tar://") and "::" in uri
+
+
 def is_utf8(name: str) -> bool:
     """False for a name with bytes that are not UTF-8 (os and tarfile keep them as surrogates)."""
     try:
@@ -109,7 +114,7 @@ class Storage:
     def options_for(self, uri: str) -> dict[str, Any]:
         """fsspec storage_options for ``uri``: the S3 options for s3://, nothing for local; for a chained
         URI (tar://member::s3://bucket/x.tar) the S3 options go to its s3 link."""
-        if "::" in uri:
+        if _is_chained(uri):
             links = uri.split("::")[1:]
             return {"s3": self.options_for("s3://")} if any(link.startswith("s3://") for link in links) else {}
         if uri.startswith(("s3://", "s3a://")):
@@ -127,9 +132,14 @@ class Storage:
         return {}
 
     def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The filesystem for ``uri`` and the path within it."""
-        fs, path = fsspec.core.url_to_fs(uri, **self.options_for(uri))
-        return fs, path
+        """The filesystem for ``uri`` and the path within it. Only a tar member's URI is a chain
+        of filesystems: elsewhere "::" is part of a name (an S3 key "10::00.png"), which fsspec
+        would take for a chain, reading another key with none of the S3 options."""
+        if _is_chained(uri):
+            return fsspec.core.url_to_fs(uri, **self.options_for(uri))
+        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        fs = fsspec.filesystem(protocol, **self.options_for(uri))
+        return fs, fs._strip_protocol(uri)
 
     @staticmethod
     def join(base: str, *parts: str) -> str:

@@ -343,6 +343,19 @@ def test_s3_prefix_source_on_the_real_server(s3):
     assert read_many(uris, s3.storage)[0] == PNG
 
 
+def test_s3_keys_holding_a_double_colon_are_plain_keys_not_chained_urls(s3):
+    colon = s3.uri("pool/2024-01-01T10::00.png")  # fsspec would read "::" as a chain of filesystems
+    s3.storage.write_bytes(colon, PNG)
+    s3.storage.write_bytes(s3.uri("pool/b.png"), b"b")
+    other = encode(rgb(seed=1), "PNG")
+    s3.storage.write_bytes(s3.uri("pool/2024-01-01T10"), other)  # the key before the "::": another image
+    uris = list(iter_sources([s3.uri("pool")], s3.storage))
+    assert uris == [s3.uri("pool/2024-01-01T10"), colon, s3.uri("pool/b.png")]
+    assert read_many([colon, s3.uri("pool/b.png")], s3.storage) == [PNG, b"b"]  # first in its batch
+    assert read_many(uris, s3.storage) == [other, PNG, b"b"]
+    assert s3.storage.read_bytes(colon) == PNG and s3.storage.exists(colon) and s3.storage.size(colon) == len(PNG)
+
+
 def test_s3_reads_tell_a_missing_object_from_an_unreachable_store(s3):
     # Brackets and stars are plain characters in a key, not a pattern to expand.
     uris = [s3.uri(f"pool/img[{i}]*.png") for i in range(5)] + [s3.uri("pool/a.png")]
