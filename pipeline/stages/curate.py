@@ -142,6 +142,10 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     if done.get("rows"):
         return {int(k): int(v) for k, v in done["rows"].items()}, ListingProblems.from_json(done)
     rows, cursor = _listed_so_far(root, storage, sources, chunk_size)
+    # Only a listing's last chunk is short, but a listing that ended before its _DONE was
+    # written, of sources that have grown since, goes on after it: each chunk names the short
+    # ones before it.
+    short = {str(i): n for i, n in rows.items() if n < chunk_size}
     if rows:
         log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
     problems = cursor.problems.copy()
@@ -158,9 +162,8 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
                           "span_start": pa.array([item.span[0] if item.span else -1 for item in batch], pa.int64()),
                           "span_end": pa.array([item.span[1] if item.span else -1 for item in batch], pa.int64())})
         rows[index] = len(batch)
-        # Only a listing's last chunk is short, but a listing that ended before its _DONE was
-        # written, of sources that have grown since, goes on after it: the short ones are named.
-        short = {str(i): n for i, n in rows.items() if n < chunk_size}
+        if len(batch) < chunk_size:
+            short[str(index)] = len(batch)
         where = {"sources": _sources_digest(sources), "chunk_size": chunk_size, "cursor": cursor.to_json(),
                  "format": _LISTING_FORMAT, "short": short}
         buf = io.BytesIO()
