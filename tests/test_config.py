@@ -59,6 +59,17 @@ def test_a_near_duplicate_threshold_of_one_is_refused_not_a_silent_off_switch():
         load_config("smoke", ["curate.dedup.threshold=1.0"])
 
 
+def test_cluster_levels_shrink_upwards_and_level_one_trains_on_enough_points_to_resample():
+    assert [level.k for level in load_config("smoke").curate.cluster.levels] == [16, 4]
+    with pytest.raises(ConfigError, match=r"curate.cluster.levels: .*levels\[1\] has k = 40, not fewer than the 4 of "
+                                          r"levels\[0\]: each level clusters the centroids of the level below"):
+        load_config("smoke", ["curate.cluster.levels=[{k: 4}, {k: 40}]"])
+    with pytest.raises(ConfigError, match=r"levels\[2\] has k = 8, not fewer than the 8"):
+        load_config("smoke", ["curate.cluster.levels=[{k: 64}, {k: 8}, {k: 8}]"])
+    with pytest.raises(ConfigError, match=r"curate.cluster.max_points_per_centroid: .*greater than or equal to 4"):
+        load_config("smoke", ["curate.cluster.max_points_per_centroid=1"])
+
+
 def test_a_value_that_fits_no_member_of_a_union_is_one_entry_naming_each_rule():
     assert load_config("smoke", ["curate.embed.actors=4"]).curate.embed.actors == 4
     assert load_config("smoke").curate.embed.gpus_per_actor == "auto"

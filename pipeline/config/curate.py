@@ -67,8 +67,10 @@ class ClusterConfig(Section):
     iterations: int = Field(10, ge=1, description="Lloyd iterations of each level's first k-means.")
     resample_iterations: int = Field(1, ge=1, description="Lloyd iterations of each resampling step's fresh "
                                      "k-means, after its k-means++ seeding on the kept points.")
-    max_points_per_centroid: int = Field(256, ge=1, description="Level 1 trains on at most this many points "
-                                         "per centroid, drawn uniformly; every point is then assigned.")
+    max_points_per_centroid: int = Field(256, ge=4, description="Level 1 trains on at most this many points "
+                                         "per centroid, drawn uniformly; every point is then assigned. At least "
+                                         "4: a resampling step keeps half that many points per cluster, and "
+                                         "needs 2.")
     init_points_per_centroid: int = Field(8, ge=1, description="k-means++ seeds from this many points per centroid.")
     assign_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto", json_schema_extra=EXECUTION,
@@ -80,9 +82,14 @@ class ClusterConfig(Section):
 
     @field_validator("levels")
     @classmethod
-    def _at_least_one_level(cls, levels: list[LevelConfig]) -> list[LevelConfig]:
+    def _at_least_one_level_each_smaller(cls, levels: list[LevelConfig]) -> list[LevelConfig]:
         if not levels:
             raise ValueError("curate.cluster.levels needs at least one level")
+        for number in range(1, len(levels)):
+            below, above = levels[number - 1].k, levels[number].k
+            if above >= below:  # it would be a copy of the level below (k is capped at its points)
+                raise ValueError(f"levels[{number}] has k = {above}, not fewer than the {below} of levels[{number - 1}]: "
+                                 f"each level clusters the centroids of the level below into fewer clusters")
         return levels
 
 
