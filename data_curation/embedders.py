@@ -130,6 +130,30 @@ def build_preparer(spec: str, image_size: int = 224) -> Callable[[np.ndarray], n
     return partial(resize_normalize, size=image_size)
 
 
+def check_embedder(spec: str, image_size: int = 224, storage=None) -> None:
+    """What can be told of the embedder ``spec`` (see :func:`build_embedder`) without loading a
+    model: a ValueError for an unknown arch, a path that does not exist, or an ``image_size``
+    that is not a multiple of the patch size (known from an arch, or from a vfm or HF export's
+    config.json; a single checkpoint file tells it only once loaded)."""
+    if spec == "builtin":
+        return
+    if spec.startswith("arch:"):
+        from models.registry import backbone_spec
+
+        patch = backbone_spec(spec[len("arch:"):]).patch_size
+    else:
+        from data_curation.storage import Storage
+
+        storage = storage or Storage()
+        if not storage.exists(spec):
+            raise ValueError(f"{spec} does not exist (a vfm export, an HF DINOv3 folder or a DINOv3 checkpoint)")
+        config_uri = Storage.join(spec, "config.json")
+        config = storage.read_json(config_uri) if storage.isdir(spec) and storage.exists(config_uri) else {}
+        patch = config.get("arch_spec", {}).get("patch_size") or config.get("patch_size")
+    if patch and image_size % int(patch):
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch} of embedder {spec}")
+
+
 def build_embedder(spec: str, image_size: int = 224) -> Embedder:
     """``builtin``; ``arch:NAME`` (a randomly initialised models/ backbone, for tests and
     benchmarks); or a path to a vfm export, an HF DINOv3 folder or an official DINOv3

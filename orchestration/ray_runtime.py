@@ -153,9 +153,14 @@ def remote_cause(exc: BaseException, types: type[BaseException] | tuple[type[Bas
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def remote_text(exc: BaseException) -> str:
+    """The message of ``exc`` without Ray's terminal colours."""
+    return _ANSI.sub("", str(exc)).strip()
+
+
 def error_line(exc: BaseException) -> str:
     """``Type: first line``; for an error a Ray task raised, that of the task's own exception (the
     RayTaskError around it starts with the task's name in terminal colours and a pid)."""
     cause = remote_cause(exc, BaseException) or exc
-    text = _ANSI.sub("", str(cause)).strip().splitlines()
+    text = remote_text(cause).splitlines()
     return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
-from data_curation.embedders import build_embedder, build_preparer
+from data_curation.embedders import build_embedder, build_preparer, check_embedder
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import (
     MIN_RESAMPLE_SIZE,
@@ -296,6 +296,11 @@ class CurateStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
+        try:  # before listing: an embedder that cannot run fails here, not in a Ray actor
+            check_embedder(cfg.embed.embedder, cfg.embed.image_size, storage)
+        except ValueError as exc:
+            where = "curate.embed." if str(exc).startswith("image_size") else f"curate.embed.embedder {cfg.embed.embedder}: "
+            raise ValueError(f"{where}{exc}") from None
         demo = self._demo_images(ctx, seed) if DEMO_SOURCE in cfg.sources else None
         sources = [s for s in cfg.sources if s != DEMO_SOURCE] + ([demo] if demo else [])
         limits = decode_limits(cfg.decode)

@@ -24,7 +24,7 @@ from data_curation.embedding_store import SPAN_COLUMNS, ChunkStore
 from data_curation.hkmeans import assign
 from data_curation.scan import decode_rows, embed_rows
 from data_curation.storage import Storage, StorageError
-from orchestration.ray_runtime import remote_cause
+from orchestration.ray_runtime import remote_cause, remote_text
 
 
 @contextmanager
@@ -38,6 +38,21 @@ def _storage_errors_in_one_line() -> Iterator[None]:
         if (cause := remote_cause(exc, StorageError)) is not None:  # Ray Data appends lines of its own
             raise StorageError(str(cause).splitlines()[0]) from None
         raise
+
+
+@contextmanager
+def _embedder_start_in_one_line(embedder: str) -> Iterator[None]:
+    """An embedding actor that fails to start (a checkpoint that cannot be loaded) fails the
+    stage with one line naming the setting and the actor's own error, not Ray's ActorDiedError
+    with the actor's traceback."""
+    try:
+        yield
+    except ray.exceptions.ActorDiedError as exc:
+        if not getattr(exc, "actor_init_failed", False):
+            raise
+        lines = [line.strip() for line in remote_text(exc).splitlines() if line.strip()]
+        raise RuntimeError(f"curate.embed.embedder {embedder}: the embedding actor could not start: "
+                           f"{lines[-1] if lines else 'no reason given'}") from None
 
 
 def _quiet_data_context() -> None:
@@ -116,7 +131,7 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
                                                "torch_threads": int(max(1, cpus_per_actor))})
     pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
     received: dict[int, int] = defaultdict(int)
-    with _storage_errors_in_one_line():
+    with _storage_errors_in_one_line(), _embedder_start_in_one_line(embedder):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             chunks = np.asarray(batch["chunk"], dtype=np.int64)
             for index in np.unique(chunks):

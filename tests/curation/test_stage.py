@@ -264,6 +264,35 @@ def test_seed_images_that_are_all_rejected_fail_in_one_line_and_the_pool_stays_e
     assert len(list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*.parquet"))) == 4
 
 
+@pytest.mark.parametrize("embed, error", [
+    ({"embedder": "arch:vit_test", "image_size": 20},
+     r"curate\.embed\.image_size 20 is not a multiple of the patch size 8 of embedder arch:vit_test"),
+    ({"embedder": "arch:vit_nope"}, r"curate\.embed\.embedder arch:vit_nope: unknown arch 'vit_nope'; choose one of .*"),
+    ({"embedder": "/no/such/export"}, r"curate\.embed\.embedder /no/such/export: /no/such/export does not exist .*"),
+])
+def test_an_embedder_that_cannot_run_fails_in_one_line_before_the_pool_is_listed(mixed_pool, tmp_path, embed, error):
+    section = _section(mixed_pool).model_copy(update={"embed": EmbedConfig.model_validate(embed)})
+    with pytest.raises(ValueError) as caught:
+        CurateStage().run(_context(tmp_path, section))
+    assert re.fullmatch(error, str(caught.value))
+    assert not (tmp_path / "curate" / "_work" / "listing").exists()
+
+
+def test_a_checkpoint_that_cannot_be_loaded_fails_in_one_line_naming_the_embedder(ray_session, tmp_path):
+    pool = tmp_path / "digits"
+    pool.mkdir()
+    for i, image in enumerate(load_builtin("digits").images[:3]):
+        (pool / f"d{i}.png").write_bytes(encode(Image.fromarray(image), "PNG"))
+    broken = tmp_path / "backbone.pth"
+    broken.write_bytes(b"not a checkpoint")
+    section = CurateConfig.model_validate({"sources": [str(pool)], "embed": {"embedder": str(broken)}})
+    with pytest.raises(RuntimeError) as caught:
+        CurateStage().run(_context(tmp_path, section))
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"curate.embed.embedder {broken}: the embedding actor could not start: ")
+    assert str(broken) in str(caught.value).split("could not start: ")[1]  # the loader's own line names the file
+
+
 def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, mixed_pool, tmp_path):
     pool = tmp_path / "later"
     pool.mkdir()
