@@ -288,7 +288,7 @@ class Engine:
                          f"(made under the same settings)")
             else:
                 self.log(f"[{name}] starting from scratch ({'--force' if fresh else 'its config changed'})")
-            self.rundir.clear_stage(name, keep)
+            self.rundir.clear_stage(name, {path: reusable[path] for path in keep}, self._lock.token)
             shutil.rmtree(stage_cache, ignore_errors=True)  # local scratch: copies of files just cleared
         else:
             self.rundir.invalidate(name)

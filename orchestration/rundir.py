@@ -1,7 +1,8 @@
 """The run directory: run.json, config.yaml and each stage's folder with its markers.
 
 Markers in a stage folder:
-- ``_ATTEMPT.json``: written when an attempt starts (fingerprint, pid, host, time);
+- ``_ATTEMPT.json``: written when an attempt starts (fingerprint, pid, host, time), and before
+  a stage is cleared, with the fingerprint ``clearing`` (no config's) and the kept paths only;
 - ``_FAILED.json``: written when an attempt raises (the error line);
 - ``_SUCCESS.json``: written last and atomically when the stage finished, with its fingerprint
   and headline metrics. Only this one makes a stage done, and only with the current fingerprint.
@@ -20,6 +21,7 @@ from orchestration.runlock import describe
 
 SUCCESS, ATTEMPT, FAILED = "_SUCCESS.json", "_ATTEMPT.json", "_FAILED.json"
 MARKERS = (SUCCESS, ATTEMPT, FAILED)
+CLEARING = "clearing"  # the fingerprint of the attempt marker of a stage being cleared: no config's
 STATES = ("done", "pending", "running", "failed", "stale")
 
 
@@ -94,15 +96,23 @@ class RunDir:
             "fingerprint": fingerprint, "reusable": reusable, "metrics": metrics, "finished": time.time(), **extra})
         self.storage.rm(self.path(name, ATTEMPT))
 
-    def clear_stage(self, name: str, keep: tuple[str, ...] = ()) -> None:
+    def clear_stage(self, name: str, keep: dict[str, str] | None = None, lock: str = "") -> None:
         """Forget a stage (--force, a changed config): its outputs, inner checkpoints and
-        markers, all but the paths in ``keep`` (relative to the stage's folder). The markers go
-        last: a clear cut off part way leaves them, so the next run clears again instead of
-        taking what is left (inner checkpoints of the old config) for its own."""
+        markers, all but the paths in ``keep`` (relative to the stage's folder, each with the
+        digest of what it was written under). ``lock``: the token of the run lock the clear runs
+        under.
+
+        First the stage's markers become one attempt marker of fingerprint :data:`CLEARING`
+        that records only the kept paths: a clear cut off part way, or a run stopped after it
+        and before its attempt began, leaves a stage that no config takes for done, and the next
+        run (whatever its config) clears it again, trusting nothing but those paths. Without
+        anything to keep, that marker goes last, once the rest is gone."""
+        keep = dict(keep or {})
+        self.mark_attempt(name, CLEARING, keep, lock)
+        self.storage.rm(self.path(name, SUCCESS))
         self._clear(self.stage_dir(name), [k.strip("/") for k in keep] + list(MARKERS))
-        for marker in MARKERS:
-            self.storage.rm(self.path(name, marker))
         if not keep:
+            self.storage.rm(self.path(name, ATTEMPT))
             self.storage.rm(self.stage_dir(name), recursive=True)  # the folder itself, and what came since
 
     def _clear(self, folder: str, keep: list[str]) -> None:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.engine import EngineError, StageFailed
 from orchestration.ray_runtime import RayError
+from orchestration.rundir import RunDir
 from orchestration.runlock import STALE_S, lock_name
 from orchestration.tracking import TrackingError
 from pipeline.config.core import MlflowConfig, RunConfig
@@ -88,6 +89,35 @@ def test_a_changed_config_keeps_the_inner_checkpoints_made_under_the_same_settin
     assert make_engine(renoted, str(run_dir)).run().metrics["b"]["pieces_done"] == 5
     forced = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(value=2)), str(run_dir)).run(only="b", force=True)
     assert forced.metrics["b"]["pieces_done"] == 5
+
+
+def test_a_clear_cut_off_part_way_or_before_its_attempt_is_done_again_trusting_only_what_it_kept(
+        tmp_path, mlflow_uri, ray_session, monkeypatch):
+    run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
+    make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()
+
+    def killed_while_clearing(self, folder, keep):
+        self.storage.rm(os.path.join(folder, "runs.log"))  # the first of its files gone, then the kill
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # --force, killed while it deletes b's folder
+        patch.setattr(RunDir, "_clear", killed_while_clearing)
+        with pytest.raises(KeyboardInterrupt):
+            make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run(only="b", force=True)
+    engine = make_engine(cfg(mlflow_uri, run=run), str(run_dir))
+    assert [(s.state, s.detail.startswith("interrupted")) for s in engine.statuses()][1] == ("failed", True)
+    result = engine.run()  # not done with half its folder gone: started again, and from scratch
+    assert result.ran == ["b", "c"] and result.metrics["b"]["pieces_done"] == 5 and runs_of(run_dir, "b") == 1
+
+    # A new config that keeps b's pieces, stopped after the clear and before its attempt began (a kill,
+    # or MLflow failing); then a config whose pieces differ must not take those pieces for its own.
+    noted = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(note="n")), str(run_dir))
+    monkeypatch.setattr(noted.tracking, "stage_run", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        noted.run(only="b")
+    assert (run_dir / "b" / "_work").is_dir() and not (run_dir / "b" / "_SUCCESS.json").exists()
+    result = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(value=2)), str(run_dir)).run()
+    assert result.ran == ["b", "c"] and result.metrics["b"]["pieces_done"] == 5
 
 
 def test_one_parent_and_one_nested_run_per_stage_in_mlflow(tmp_path, mlflow_uri, ray_session):

@@ -30,9 +30,12 @@ def _left(storage: Storage, rundir: RunDir) -> list[str]:
 def test_clearing_a_stage_keeps_exactly_the_named_paths(where, tmp_path, request):
     storage, root = storage_at(request, tmp_path, "run", where == "s3")
     rundir = _stage(storage, root)
-    rundir.clear_stage("curate", ("_work/listing", "_work/embeddings/", "demo_pool", "not/there"))
-    assert _left(storage, rundir) == sorted(n for n in FILES if n.startswith(("_work/listing/", "_work/embeddings/",
-                                                                              "demo_pool/")))
+    kept = {"_work/listing": "d1", "_work/embeddings/": "d2", "demo_pool": "d3", "not/there": "d4"}
+    rundir.clear_stage("curate", kept, lock="token")
+    assert _left(storage, rundir) == sorted(["_ATTEMPT.json"] + [n for n in FILES if n.startswith((
+        "_work/listing/", "_work/embeddings/", "demo_pool/"))])
+    marker = rundir.attempt("curate")  # until an attempt begins: no config's, and naming only what was kept
+    assert marker["fingerprint"] == "clearing" and marker["reusable"] == kept and marker["lock"] == "token"
     assert storage.read_text(rundir.path("curate", "_work/embeddings/chunk-000000.embedding.npy")) \
         == "_work/embeddings/chunk-000000.embedding.npy"  # untouched, not rewritten
     rundir.clear_stage("curate")
