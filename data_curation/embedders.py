@@ -15,6 +15,7 @@ tests/curation and bench/curation_quality.py).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -156,14 +157,20 @@ def check_embedder(spec: str, image_size: int = 224, storage=None) -> None:
 
 def build_embedder(spec: str, image_size: int = 224) -> Embedder:
     """``builtin``; ``arch:NAME`` (a randomly initialised models/ backbone, for tests and
-    benchmarks); or a path to a vfm export, an HF DINOv3 folder or an official DINOv3
+    benchmarks: the same weights in every actor and attempt, from a seed of the name); or a path to a vfm export, an HF DINOv3 folder or an official DINOv3
     checkpoint (anything ``models.weights.load_backbone`` reads)."""
     if spec == "builtin":
         return GradientHistogramEmbedder()
     if spec.startswith("arch:"):
+        import torch
+
         from models import build_backbone
 
-        return BackboneEmbedder(build_backbone(spec[len("arch:"):]), image_size, name=spec)
+        # One network: embedding actors, resumed attempts and the seed images must not each draw their own.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(spec.encode()).digest()[:8], "little"))
+            backbone = build_backbone(spec[len("arch:"):])
+        return BackboneEmbedder(backbone, image_size, name=spec)
     from models.weights import load_backbone
 
     backbone, _info = load_backbone(spec)

@@ -13,7 +13,7 @@ from data_curation import knn
 from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
 from data_curation.dedup import deduplicate, sha256_digests
-from data_curation.embedders import GradientHistogramEmbedder
+from data_curation.embedders import GradientHistogramEmbedder, build_embedder
 from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, chunk_indices, chunk_name
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
@@ -41,6 +41,23 @@ def test_builtin_embedder_separates_digit_classes():
     sims = x @ x.T
     np.fill_diagonal(sims, -1)
     assert (labels[sims.argmax(1)] == labels).mean() > 0.9  # 1-NN accuracy (measured ~0.97 on 5k)
+
+
+def test_a_random_init_embedder_is_the_same_network_in_every_actor_and_attempt():
+    import torch
+
+    images, _ = _mnist(4)
+    torch.manual_seed(123)  # whatever the process drew before
+    first = build_embedder("arch:vit_test", 32)
+    torch.manual_seed(456)
+    again = build_embedder("arch:vit_test", 32)
+    batch = np.stack([first.prepare(im) for im in images])
+    assert np.array_equal(first.embed(batch), again.embed(batch))
+    torch.manual_seed(456)
+    build_embedder("arch:vit_test", 32)
+    after_build = torch.rand(1)
+    torch.manual_seed(456)
+    assert torch.equal(after_build, torch.rand(1))  # the process's own random stream is left where it was
 
 
 def test_copy_descriptor_finds_edited_copies_and_not_lookalikes():
