@@ -17,9 +17,12 @@ the driver's cache was cleared) never maps the old vectors.
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +102,46 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _max_open_maps() -> int:
+    """A quarter of the process's file descriptors (each open map holds one), from 64 to 4,096."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(64, min(4096, (soft if soft != -1 else 1 << 20) // 4))
+
+
+MAX_OPEN_MAPS = _max_open_maps()  # memory maps of chunk files a process keeps open
+_open_maps: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (path, inode, mtime, size) -> map, oldest first
+_open_maps_lock = threading.Lock()
+
+
+def _mapped(path: str) -> np.ndarray:
+    """``path`` memory-mapped, from the most recently used :data:`MAX_OPEN_MAPS` maps when one of
+    them is of this very file (a file written again under the same path is mapped anew)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    with _open_maps_lock:
+        mapped = _open_maps.get(key)
+        if mapped is not None:
+            _open_maps.move_to_end(key)
+            return mapped
+    mapped = np.load(path, mmap_mode="r")
+    with _open_maps_lock:
+        _open_maps[key] = mapped
+        while len(_open_maps) > MAX_OPEN_MAPS:  # a view still in use keeps its own map alive
+            _open_maps.popitem(last=False)
+    return mapped
+
+
 class MappedVectors:
-    """The (rows, dim) vectors of a local .npy file, memory-mapped only while a slice of them is
-    in use. Every open map holds a file descriptor (a process has 1,024 to 65,536) and counts
-    against the kernel's map limit (65,530): a pool of tens of thousands of chunks cannot keep
-    two maps open per chunk from listing to manifest."""
+    """The (rows, dim) vectors of a local .npy file, memory-mapped when read, through a cache of
+    the :data:`MAX_OPEN_MAPS` most recently used maps. Every open map holds a file descriptor (a
+    process has 1,024 to 65,536) and counts against the kernel's map limit (65,530): a pool of
+    tens of thousands of chunks cannot keep two maps open per chunk from listing to manifest,
+    and mapping a file anew for every slice read would cost ~65 us a slice."""
 
     def __init__(self, path: str):
         self.path = path
@@ -111,7 +149,7 @@ class MappedVectors:
         self.shape, self.dtype = mapped.shape, mapped.dtype
 
     def _map(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r")
+        return _mapped(self.path)
 
     def __len__(self) -> int:
         return int(self.shape[0])

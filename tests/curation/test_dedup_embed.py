@@ -1,6 +1,7 @@
 import hashlib
 import io
 import os
+from collections import OrderedDict
 
 import faiss
 import numpy as np
@@ -9,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_curation import knn
+from data_curation import embedding_store, knn
 from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
 from data_curation.dedup import deduplicate, sha256_digests
-from data_curation.embedders import GradientHistogramEmbedder, build_embedder
+from data_curation.embedders import GradientHistogramEmbedder, build_embedder, check_embedder
 from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, chunk_indices, chunk_name
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
@@ -133,7 +134,9 @@ def test_a_remote_chunk_written_again_is_not_mapped_from_another_nodes_old_copy(
     assert len(list((tmp_path / "node" / "chunk-000000.embedding").iterdir())) == 1  # the old copy is gone
 
 
-def test_chunks_read_for_a_whole_pool_hold_no_open_file_or_map_between_reads(tmp_path):
+def test_chunks_read_for_a_whole_pool_hold_a_bounded_number_of_open_files_and_maps(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding_store, "MAX_OPEN_MAPS", 6)
+    monkeypatch.setattr(embedding_store, "_open_maps", OrderedDict())
     store = ChunkStore(str(tmp_path))
     for index in range(40):
         store.write(index, _chunk_rows(float(index), 3))
@@ -144,13 +147,16 @@ def test_chunks_read_for_a_whole_pool_hold_no_open_file_or_map_between_reads(tmp
             return fds, sum(str(tmp_path) in line for line in f)
 
     chunks = [store.read(index) for index in range(40)]
-    assert held() == (0, 0)  # two per chunk before: 80 of each, as many as a process may have at 40k chunks
+    assert held() == (6, 6)  # two per chunk before: 80 of each, as many as a process may have at 40k chunks
     rows = RowSet([c.embedding for c in chunks])
     assert len(rows) == 120 and rows.dim == 4
     assert rows.take(np.array([0, 5, 119]))[:, 0].tolist() == [0, 1, 39]
     shape = np.asarray(chunks[7].copy).shape
     assert shape == (3, 2)
-    assert held() == (0, 0)
+    assert held() == (6, 6)
+    store.write(7, _chunk_rows(70.0, 2))  # written again: the same path, another file
+    again = store.read(7)
+    assert len(again.embedding) == 2 and again.embedding[:, 0].tolist() == [70, 70]
 
 
 def test_near_duplicates_form_connected_components():
