@@ -78,9 +78,13 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+_CHAINS = ("tar://", "zip://", "simplecache::", "filecache::", "blockcache::")
+
+
 def _is_chained(uri: str) -> bool:
-    """Whether ``uri`` is a chain of filesystems, as tar members' URIs are (tar://member::tar_uri)."""
-    return uri.startswith("tar://") and "::" in uri
+    """Whether ``uri`` is a chain of filesystems: a tar member's URI (tar://member::tar_uri), or
+    one of fsspec's caches before another URL (simplecache::s3://...)."""
+    return uri.startswith(_CHAINS) and "::" in uri
 
 
 def is_utf8(name: str) -> bool:
@@ -138,7 +142,9 @@ class Storage:
         if _is_chained(uri):
             return fsspec.core.url_to_fs(uri, **self.options_for(uri))
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-        fs = fsspec.filesystem(protocol, **self.options_for(uri))
+        cls = fsspec.get_filesystem_class(protocol)
+        # What the URL itself says (an S3 versionId, an FTP host and login), as url_to_fs takes it.
+        fs = fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **self.options_for(uri)})
         return fs, fs._strip_protocol(uri)
 
     @staticmethod

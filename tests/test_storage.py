@@ -212,6 +212,19 @@ def test_s3_round_trip_listing_and_tar_members(s3):
     assert storage.read_bytes(f"tar://img/0.png::{s3.uri('t/images.tar')}") == b"PNGDATA"
 
 
+def test_a_uri_keeps_what_it_says_itself_and_only_chains_are_chained(s3, tmp_path):
+    storage = s3.storage
+    fs, path = storage.fs(s3.uri("pool/k.png") + "?versionId=abc")  # a pinned version of an object
+    assert fs.version_aware and path.endswith("pool/k.png?versionId=abc")  # s3fs reads the version from the path
+    storage.write_bytes(s3.uri("pool/10::00.png"), b"colons")  # "::" in a key is part of its name
+    assert storage.fs(s3.uri("pool/10::00.png"))[1].endswith("pool/10::00.png")
+    storage.write_bytes(s3.uri("pool/plain.png"), b"plain")
+    cached, _ = storage.fs("simplecache::" + s3.uri("pool/plain.png"))  # one of fsspec's caches before S3
+    assert type(cached).__name__ == "SimpleCacheFileSystem"
+    assert storage.read_bytes("simplecache::" + s3.uri("pool/plain.png")) == b"plain"
+    assert storage.fs(str(tmp_path / "a::b.png"))[1] == str(tmp_path / "a::b.png")
+
+
 def test_s3_errors_are_one_line_storage_errors_naming_the_uri(s3):
     wrong = Storage({**s3.storage_options(), "secret": "wrong"})
     with pytest.raises(StorageError, match=rf"cannot .* {s3.uri('x.json')}"):
