@@ -149,16 +149,20 @@ def check_embedder(spec: str, image_size: int = 224, storage=None) -> None:
         if not storage.exists(spec):
             raise ValueError(f"{spec} does not exist (a vfm export, an HF DINOv3 folder or a DINOv3 checkpoint)")
         config_uri = Storage.join(spec, "config.json")
-        config = storage.read_json(config_uri) if storage.isdir(spec) and storage.exists(config_uri) else {}
-        patch = config.get("arch_spec", {}).get("patch_size") or config.get("patch_size")
+        try:
+            config = storage.read_json(config_uri) if storage.isdir(spec) and storage.exists(config_uri) else {}
+            patch = (config.get("arch_spec") or {}).get("patch_size") or config.get("patch_size")
+        except (ValueError, AttributeError, TypeError) as exc:  # not JSON, or not an object of objects
+            raise ValueError(f"{config_uri} is not an export's config: {exc}") from None
     if patch and image_size % int(patch):
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch} of embedder {spec}")
 
 
-def build_embedder(spec: str, image_size: int = 224) -> Embedder:
+def build_embedder(spec: str, image_size: int = 224, storage=None) -> Embedder:
     """``builtin``; ``arch:NAME`` (a randomly initialised models/ backbone, for tests and
-    benchmarks: the same weights in every actor and attempt, from a seed of the name); or a path to a vfm export, an HF DINOv3 folder or an official DINOv3
-    checkpoint (anything ``models.weights.load_backbone`` reads)."""
+    benchmarks: the same weights in every actor and attempt, from a seed of the name); or a
+    path to a vfm export, an HF DINOv3 folder or an official DINOv3 checkpoint (anything
+    ``models.weights.load_backbone`` reads), local or on the S3 store of ``storage``."""
     if spec == "builtin":
         return GradientHistogramEmbedder()
     if spec.startswith("arch:"):
@@ -167,11 +171,11 @@ def build_embedder(spec: str, image_size: int = 224) -> Embedder:
         from models import build_backbone
 
         # One network: embedding actors, resumed attempts and the seed images must not each draw their own.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):  # the caller's RNGs kept
             torch.manual_seed(int.from_bytes(hashlib.sha256(spec.encode()).digest()[:8], "little"))
             backbone = build_backbone(spec[len("arch:"):])
         return BackboneEmbedder(backbone, image_size, name=spec)
     from models.weights import load_backbone
 
-    backbone, _info = load_backbone(spec)
+    backbone, _info = load_backbone(spec, storage)  # storage: the run's S3 settings, for an s3:// checkpoint
     return BackboneEmbedder(backbone, image_size, name=spec)

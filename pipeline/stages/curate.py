@@ -63,6 +63,7 @@ MANIFEST_FILE = "manifest.parquet"
 DEMO_SOURCE = "demo:"
 _LISTING_DONE = "_DONE.json"
 _LISTING_CURSOR = "vfm.listing"  # Parquet metadata key of a listing chunk: where the listing stood
+_SEEDS_LOGGED = 20  # rejected seed images named in the log, one line each
 _MANIFEST_ROW_GROUP = 1 << 17  # manifest rows per Parquet row group (a few chunks' worth)
 _LISTING_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
 
@@ -490,7 +491,7 @@ class CurateStage(Stage):
         is logged with its reason, and none left is an error (the pool's chunks stay)."""
         if not seed_uris:
             return np.zeros(0, dtype=np.int64), 0
-        embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size)
+        embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size, ctx.storage)
         seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
         used = int(seeds["accepted"].sum())
         reasons = Counter(r for r, ok in zip(seeds["reject_reason"], seeds["accepted"], strict=True) if not ok)
@@ -498,9 +499,11 @@ class CurateStage(Stage):
         if used == 0:
             raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {len(seed_uris)} seed "
                              f"images could be used; rejected: {rejected}")
-        for uri, reason in list(zip(seeds["uri"], seeds["reject_reason"], strict=True))[:20]:
-            if reason:
-                ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
+        turned_away = [(uri, reason) for uri, reason in zip(seeds["uri"], seeds["reject_reason"], strict=True) if reason]
+        for uri, reason in turned_away[:_SEEDS_LOGGED]:
+            ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
+        if len(turned_away) > _SEEDS_LOGGED:
+            ctx.log(f"retrieval seeds: ... and {len(turned_away) - _SEEDS_LOGGED} more rejected")
         pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
         picks = retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
         ctx.log(f"retrieval: {used} of {len(seed_uris)} seed images used" + (f" ({rejected} rejected)" if rejected else "")

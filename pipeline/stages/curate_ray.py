@@ -88,12 +88,12 @@ def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict, limits: D
 class EmbedActor:
     """Holds one frozen embedder for the actor's lifetime (the model loads once)."""
 
-    def __init__(self, embedder: str, image_size: int, torch_threads: int):
+    def __init__(self, embedder: str, image_size: int, torch_threads: int, storage_options: dict | None = None):
         if embedder != "builtin":  # the built-in embedder is numpy only; importing torch costs seconds
             import torch
 
             torch.set_num_threads(max(1, torch_threads))
-        self.embedder = build_embedder(embedder, image_size)
+        self.embedder = build_embedder(embedder, image_size, Storage(storage_options))  # an s3:// checkpoint too
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return embed_rows(batch, self.embedder)
@@ -128,7 +128,8 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor or None,
                         fn_constructor_kwargs={"embedder": embedder, "image_size": image_size,
-                                               "torch_threads": int(max(1, cpus_per_actor))})
+                                               "torch_threads": int(max(1, cpus_per_actor)),
+                                               "storage_options": storage.s3})
     pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
     received: dict[int, int] = defaultdict(int)
     with _storage_errors_in_one_line(), _embedder_start_in_one_line(embedder):

@@ -61,6 +61,21 @@ def test_a_random_init_embedder_is_the_same_network_in_every_actor_and_attempt()
     assert torch.equal(after_build, torch.rand(1))  # the process's own random stream is left where it was
 
 
+def test_an_export_on_s3_is_checked_and_loaded_with_the_runs_s3_settings(s3, tmp_path):
+    from models import build_backbone
+    from models.weights import export_backbone
+
+    export_backbone(build_backbone("vit_test"), str(tmp_path / "export"), fmt="vfm")
+    s3.storage.put_tree(tmp_path / "export", s3.uri("exports/vit"))
+    check_embedder(s3.uri("exports/vit"), 32, s3.storage)
+    with pytest.raises(ValueError, match=r"image_size 20 is not a multiple of the patch size 8 of embedder s3://"):
+        check_embedder(s3.uri("exports/vit"), 20, s3.storage)
+    images, _ = _mnist(3)
+    local, remote = build_embedder(str(tmp_path / "export"), 32), build_embedder(s3.uri("exports/vit"), 32, s3.storage)
+    batch = np.stack([local.prepare(im) for im in images])
+    assert np.array_equal(local.embed(batch), remote.embed(batch))
+
+
 def test_copy_descriptor_finds_edited_copies_and_not_lookalikes():
     images, _ = _mnist(600)
     edited = [_jpeg(images[0]), _jpeg(images[1][1:, :]), _jpeg(np.roll(images[2], 1, axis=1))]

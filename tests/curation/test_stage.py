@@ -147,7 +147,8 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
         assert Storage().read_bytes(row.uri) and row.sha256 == row.id
     assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
     assert metrics["retrieval_seeds"] == 3 and metrics["retrieval_seeds_used"] == 2
-    assert f"retrieval seeds: {mixed_pool}/seeds/s-empty.png rejected: empty" in ctx.lines
+    assert [line for line in ctx.lines if line.startswith("retrieval seeds: ")] == [
+        f"retrieval seeds: {mixed_pool}/seeds/s-empty.png rejected: empty"]
     retrieval = [line for line in ctx.lines if line.startswith("retrieval: ")]
     assert len(retrieval) == 1 and re.fullmatch(  # 2 seeds x k = 2
         r"retrieval: 2 of 3 seed images used \(empty 1 rejected\); [1-4] pool images within the 2 nearest of a seed",
@@ -261,6 +262,15 @@ def test_seed_images_that_are_all_rejected_fail_in_one_line_and_the_pool_stays_e
         CurateStage().run(_context(tmp_path, section))
     assert str(caught.value) == (f"curate.retrieval.seeds ['{tmp_path}/bad-seeds']: none of the 2 seed images could "
                                  f"be used; rejected: empty 1, not_an_image 1")
+    for i in range(22):  # more than are named one by one, the last of them
+        (tmp_path / "bad-seeds" / f"z{i:02d}.png").write_bytes(b"")
+    (tmp_path / "bad-seeds" / "zz.png").write_bytes(encode(Image.fromarray(
+        np.kron(load_builtin("digits").images[0], np.ones((3, 3), dtype=np.uint8))), "PNG"))
+    ctx = _context(tmp_path, section, Recording)
+    CurateStage().run(ctx)
+    named = [line for line in ctx.lines if line.startswith("retrieval seeds: ")]
+    assert len(named) == 21 and named[0] == f"retrieval seeds: {tmp_path}/bad-seeds/a.png rejected: empty"
+    assert named[-1] == "retrieval seeds: ... and 4 more rejected"
     assert len(list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*.parquet"))) == 4
 
 
