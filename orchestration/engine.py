@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 import time
 import uuid
@@ -25,7 +24,7 @@ from typing import Any
 
 from data_curation.storage import Storage
 from orchestration.ray_runtime import check_resources, error_line, start_ray, stop_ray
-from orchestration.rundir import RunDir, StageStatus
+from orchestration.rundir import RunDir, StageStatus, clear_folder
 from orchestration.runlock import STALE_S, RunLock, describe, live_holder
 from orchestration.stage import Stage, StageContext
 from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
@@ -289,7 +288,9 @@ class Engine:
             else:
                 self.log(f"[{name}] starting from scratch ({'--force' if fresh else 'its config changed'})")
             self.rundir.clear_stage(name, {path: reusable[path] for path in keep}, self._lock.token)
-            shutil.rmtree(stage_cache, ignore_errors=True)  # local scratch: copies of files just cleared
+            # Local scratch: copies of the files just cleared go too. A stage keeps its copies of a
+            # kept path's files under the same relative path (curate: _work/embeddings), which stay.
+            clear_folder(Storage(), str(stage_cache), [path.strip("/") for path in keep])
         else:
             self.rundir.invalidate(name)
         mlf = run["mlflow"]

@@ -25,6 +25,23 @@ CLEARING = "clearing"  # the fingerprint of the attempt marker of a stage being 
 STATES = ("done", "pending", "running", "failed", "stale")
 
 
+def clear_folder(storage: Storage, folder: str, keep: list[str]) -> None:
+    """Remove everything in ``folder`` (a URI, local or remote) but the paths ``keep``, relative
+    to it; only the folders above a kept path are opened."""
+    if not keep:
+        storage.rm(folder, recursive=True)
+        return
+    for uri in storage.ls(folder):
+        entry = posixpath.basename(uri.rstrip("/"))
+        if entry in keep:
+            continue
+        inside = [k.split("/", 1)[1] for k in keep if k.startswith(f"{entry}/")]
+        if inside:
+            clear_folder(storage, uri, inside)
+        else:
+            storage.rm(uri, recursive=True)
+
+
 @dataclass
 class StageStatus:
     name: str
@@ -110,24 +127,10 @@ class RunDir:
         keep = dict(keep or {})
         self.mark_attempt(name, CLEARING, keep, lock)
         self.storage.rm(self.path(name, SUCCESS))
-        self._clear(self.stage_dir(name), [k.strip("/") for k in keep] + list(MARKERS))
+        clear_folder(self.storage, self.stage_dir(name), [k.strip("/") for k in keep] + list(MARKERS))
         if not keep:
             self.storage.rm(self.path(name, ATTEMPT))
             self.storage.rm(self.stage_dir(name), recursive=True)  # the folder itself, and what came since
-
-    def _clear(self, folder: str, keep: list[str]) -> None:
-        if not keep:
-            self.storage.rm(folder, recursive=True)
-            return
-        for uri in self.storage.ls(folder):  # only folders above a kept path are opened
-            entry = posixpath.basename(uri.rstrip("/"))
-            if entry in keep:
-                continue
-            inside = [k.split("/", 1)[1] for k in keep if k.startswith(f"{entry}/")]
-            if inside:
-                self._clear(uri, inside)
-            else:
-                self.storage.rm(uri, recursive=True)
 
     def invalidate(self, name: str) -> None:
         """Remove only the success marker, so the stage is redone from its inner checkpoints."""

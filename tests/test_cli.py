@@ -191,7 +191,13 @@ def test_smoke_pipeline_on_an_s3_run_dir_then_a_new_embedder_embeds_again_and_a_
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "[curate] its config changed: starting over, but keeping _work/listing, demo_pool" in changed.stderr
     assert centroid_dim() == 64  # vit_test's width
-    # Only the sampling changes: the embeddings on S3 are kept and read back, not made again.
+    # Only the sampling changes: the embeddings on S3 are kept and read back, not made again, and the
+    # driver's copies of them are kept too, not downloaded again.
+    def copies() -> dict:
+        return {p: p.stat().st_mtime_ns for p in tmp_path.glob(".cache/vfm/*/curate/_work/embeddings/*/*.npy")}
+
+    before = copies()
+    assert before
     resampled = vfm("run", "-c", "smoke", "--run-dir", run_dir, "--only", "curate", "--set",
                     "curate.embed.embedder=arch:vit_test", "--set", "curate.embed.image_size=64", "--set",
                     "curate.sample.target=0.2", cwd=tmp_path, env=s3.env())
@@ -200,6 +206,7 @@ def test_smoke_pipeline_on_an_s3_run_dir_then_a_new_embedder_embeds_again_and_a_
     assert re.search(r"\[curate\] \d+ images in \d+ chunks?; 0 chunks to embed", resampled.stderr)
     assert centroid_dim() == 64
     assert s3.storage.read_json(f"{run_dir}/curate/stats.json")["selected"] < stats["selected"]
+    assert copies() == before
 
 
 @pytest.mark.slow

@@ -314,7 +314,9 @@ class CurateStage(Stage):
             raise SourceError(f"curate.sources: {exc}") from None
         _log_problems(ctx, problems)
         seed_uris = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
-        store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "embeddings")
+        # Local copies of remote chunks under the same relative path as the chunks: the engine keeps
+        # them when the chunks are kept (named by their chunk's write, so never stale).
+        store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "_work" / "embeddings")
         todo = sorted(set(rows_per_chunk) - store.done())
         actors, gpus = embedding_pool(cfg.embed, cluster_gpus)
         each = f"{cfg.embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestration import rundir
 from orchestration.engine import EngineError, StageFailed
 from orchestration.ray_runtime import RayError
-from orchestration.rundir import RunDir
 from orchestration.runlock import STALE_S, lock_name
 from orchestration.tracking import TrackingError
 from pipeline.config.core import MlflowConfig, RunConfig
@@ -71,6 +71,9 @@ def test_a_changed_config_keeps_the_inner_checkpoints_made_under_the_same_settin
                                                                                    ray_session):
     run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
     make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()
+    [b_scratch] = (tmp_path / "cache").glob("*/b")
+    (b_scratch / "_work").mkdir()
+    (b_scratch / "_work" / "copy.bin").write_text("a local copy of a file of b's _work")  # as curate keeps chunks
     lines: list[str] = []
     result = make_engine(cfg(mlflow_uri, run=run, b=StepConfig(note="n")), str(run_dir), log=lines.append).run()
     assert result.ran == ["b", "c"]
@@ -80,9 +83,11 @@ def test_a_changed_config_keeps_the_inner_checkpoints_made_under_the_same_settin
     assert "[c] starting from scratch (its config changed)" in lines
     assert [runs_of(run_dir, s) for s in "abc"] == [1, 1, 1]  # the rest of b's folder was cleared
     [b_cache] = (tmp_path / "cache").glob("*/b/values.log")
-    assert b_cache.read_text() == "1\n"  # and its local cache
+    assert b_cache.read_text() == "1\n"  # and its local cache, but for the copies of what it kept
+    assert (b_scratch / "_work" / "copy.bin").exists()
     noted = cfg(mlflow_uri, run=run, b=StepConfig(value=2, note="n"))
     assert make_engine(noted, str(run_dir)).run().metrics["b"]["pieces_done"] == 5  # a value they depend on
+    assert not (b_scratch / "_work").exists()  # _work was not kept: nor are its copies
     marker = run_dir / "b" / "_SUCCESS.json"  # a marker written before vfm recorded what pieces depend on
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "reusable"}))
     renoted = cfg(mlflow_uri, run=run, b=StepConfig(value=2, note="m"))
@@ -96,12 +101,12 @@ def test_a_clear_cut_off_part_way_or_before_its_attempt_is_done_again_trusting_o
     run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
     make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()
 
-    def killed_while_clearing(self, folder, keep):
-        self.storage.rm(os.path.join(folder, "runs.log"))  # the first of its files gone, then the kill
+    def killed_while_clearing(storage, folder, keep):
+        storage.rm(os.path.join(folder, "runs.log"))  # the first of its files gone, then the kill
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # --force, killed while it deletes b's folder
-        patch.setattr(RunDir, "_clear", killed_while_clearing)
+        patch.setattr(rundir, "clear_folder", killed_while_clearing)
         with pytest.raises(KeyboardInterrupt):
             make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run(only="b", force=True)
     engine = make_engine(cfg(mlflow_uri, run=run), str(run_dir))
