@@ -131,11 +131,15 @@ def build_preparer(spec: str, image_size: int = 224) -> Callable[[np.ndarray], n
     return partial(resize_normalize, size=image_size)
 
 
+class ImageSizeError(ValueError):
+    """An embedder's image size that is not a multiple of its backbone's patch size."""
+
+
 def check_embedder(spec: str, image_size: int = 224, storage=None) -> None:
     """What can be told of the embedder ``spec`` (see :func:`build_embedder`) without loading a
-    model: a ValueError for an unknown arch, a path that does not exist, or an ``image_size``
-    that is not a multiple of the patch size (known from an arch, or from a vfm or HF export's
-    config.json; a single checkpoint file tells it only once loaded)."""
+    model: a ValueError for an unknown arch or a path that does not exist, an ImageSizeError for
+    an ``image_size`` that is not a multiple of the patch size (known from an arch, or from a vfm
+    or HF export's config.json; a single checkpoint file tells it only once loaded)."""
     if spec == "builtin":
         return
     if spec.startswith("arch:"):
@@ -155,7 +159,7 @@ def check_embedder(spec: str, image_size: int = 224, storage=None) -> None:
         except (ValueError, AttributeError, TypeError) as exc:  # not JSON, or not an object of objects
             raise ValueError(f"{config_uri} is not an export's config: {exc}") from None
     if patch and image_size % int(patch):
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch} of embedder {spec}")
+        raise ImageSizeError(f"image_size {image_size} is not a multiple of the patch size {patch} of embedder {spec}")
 
 
 def build_embedder(spec: str, image_size: int = 224, storage=None) -> Embedder:

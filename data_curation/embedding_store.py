@@ -241,7 +241,7 @@ class ChunkStore:
     def vectors(self, index: int, kind: str, generation: str | None = None) -> np.ndarray:
         """Chunk ``index``'s ``kind`` vectors ("embedding" or "copy"), memory-mapped; ``generation``:
         the chunk's (:attr:`Chunk.generation`), which saves asking a remote store for it."""
-        return np.load(self._vector_file(index, kind, generation), mmap_mode="r")
+        return _mapped(self._vector_file(index, kind, generation))
 
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
         """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`), its vectors (mapped

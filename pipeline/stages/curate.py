@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
-from data_curation.embedders import build_embedder, build_preparer, check_embedder
+from data_curation.embedders import ImageSizeError, build_embedder, build_preparer, check_embedder
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import (
     MIN_RESAMPLE_SIZE,
@@ -299,9 +299,10 @@ class CurateStage(Stage):
         cfg, storage, seed = ctx.section, ctx.storage, int(ctx.config.run.seed)
         try:  # before listing: an embedder that cannot run fails here, not in a Ray actor
             check_embedder(cfg.embed.embedder, cfg.embed.image_size, storage)
+        except ImageSizeError as exc:
+            raise ValueError(f"curate.embed.{exc}") from None
         except ValueError as exc:
-            where = "curate.embed." if str(exc).startswith("image_size") else f"curate.embed.embedder {cfg.embed.embedder}: "
-            raise ValueError(f"{where}{exc}") from None
+            raise ValueError(f"curate.embed.embedder {cfg.embed.embedder}: {exc}") from None
         demo = self._demo_images(ctx, seed) if DEMO_SOURCE in cfg.sources else None
         sources = [s for s in cfg.sources if s != DEMO_SOURCE] + ([demo] if demo else [])
         limits = decode_limits(cfg.decode)
@@ -496,12 +497,12 @@ class CurateStage(Stage):
         embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size, ctx.storage)
         seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
         used = int(seeds["accepted"].sum())
-        reasons = Counter(r for r, ok in zip(seeds["reject_reason"], seeds["accepted"], strict=True) if not ok)
+        turned_away = [(uri, reason) for uri, reason in zip(seeds["uri"], seeds["reject_reason"], strict=True) if reason]
+        reasons = Counter(reason for _, reason in turned_away)
         rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
         if used == 0:
             raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {len(seed_uris)} seed "
                              f"images could be used; rejected: {rejected}")
-        turned_away = [(uri, reason) for uri, reason in zip(seeds["uri"], seeds["reject_reason"], strict=True) if reason]
         for uri, reason in turned_away[:_SEEDS_LOGGED]:
             ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
         if len(turned_away) > _SEEDS_LOGGED:
