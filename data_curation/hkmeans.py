@@ -2,8 +2,9 @@
 
 Level 1 clusters the points; level l+1 clusters the centroids of level l. Each level:
 
-1. k-means++ seeding on a random subset (``init_points_per_centroid`` x k points), so
-   seeding costs a small fraction of one Lloyd pass;
+1. k-means++ seeding on a random subset (``init_points_per_centroid`` x k points), drawn
+   in rounds of many centres (:func:`kmeans_plus_plus`), so seeding costs a small fraction
+   of one Lloyd pass;
 2. ``iterations`` Lloyd iterations (faiss) on the level's training points;
 3. ``resampling_steps`` times: assign every training point, keep the s points closest
    to each centroid (s = half the mean cluster size), and run a fresh k-means on those
@@ -33,12 +34,12 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from data_curation.knn import faiss_gpu_count
 
 _ASSIGN_BATCH = 65536
 MIN_RESAMPLE_SIZE = 2  # points kept per cluster below which a resampling step is skipped
+_ROUND_GROWTH = 8  # a k-means++ round draws one centre per this many already chosen
 
 
 @dataclass(frozen=True)
@@ -97,31 +98,38 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each next centre drawn with probability ∝ squared distance."""
-    # k small matrix-vector products in a row: BLAS threads cost more to wake than they save
-    # (measured 5x slower with 2 threads on a busy 2-core machine).
-    with threadpool_limits(1):
-        return _kmeans_plus_plus(np.ascontiguousarray(x, dtype=np.float32), k, rng)
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), drawn in rounds.
 
-
-def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    Each next centre is a row drawn with probability proportional to its squared distance
+    to the nearest centre so far. Drawn one centre per pass, the seeding is k memory-bound
+    matrix-vector products in a row over ~8k rows: over a day at the k = 200,000 of the vit7b
+    preset's level 1. So, as k-means|| (Bahmani et al. 2012) does, a round draws several
+    rows from the same distances and then updates the distances against all of them with
+    one faiss search, a matrix product (every core, or the GPUs). A round draws one row per
+    ``_ROUND_GROWTH`` centres already chosen, at least one, so the first rounds are plain
+    k-means++; k = 200,000 takes about 100 rounds. bench/kmeans_seeding.py measures it
+    against one centre per pass: the time, and the inertia after seeding and after Lloyd.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     centres = np.empty((k, x.shape[1]), dtype=np.float32)
     centres[0] = x[rng.integers(n)]
-    sq_norm = np.einsum("nd,nd->n", x, x)
-    nearest = np.maximum(sq_norm - 2.0 * (x @ centres[0]) + float(centres[0] @ centres[0]), 0.0)
-    for j in range(1, k):
-        # float64: a float32 running sum stops growing once it dwarfs the terms (the rows after
-        # a far one could not be drawn), and the total is that same sum's last entry
-        cumulative = np.cumsum(nearest, dtype=np.float64)
+    # float64: a float32 running sum stops growing once it dwarfs the terms (the rows after
+    # a far one could not be drawn), and the total is that same sum's last entry
+    nearest = np.maximum(assign(x, centres[:1])[1], 0.0).astype(np.float64)
+    chosen = 1
+    while chosen < k:
+        want = min(k - chosen, max(1, chosen // _ROUND_GROWTH))
+        cumulative = np.cumsum(nearest)
         total = float(cumulative[-1])
         if total <= 0.0:  # fewer distinct points than k: repeat points; Lloyd handles empties
-            pick = int(rng.integers(n))
-        else:
-            pick = min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), n - 1)
-        centres[j] = x[pick]
-        dist = np.maximum(sq_norm - 2.0 * (x @ centres[j]) + float(centres[j] @ centres[j]), 0.0)
-        np.minimum(nearest, dist, out=nearest)
+            picks = rng.integers(n, size=want)
+        else:  # a row drawn twice in a round is one centre; later rounds draw the rest
+            picks = np.unique(np.minimum(np.searchsorted(cumulative, rng.random(want) * total, side="right"), n - 1))
+        centres[chosen:chosen + len(picks)] = x[picks]
+        dist = assign(x, centres[chosen:chosen + len(picks)])[1]
+        np.minimum(nearest, np.maximum(dist, 0.0), out=nearest)
+        chosen += len(picks)
     return centres
 
 

@@ -4,7 +4,6 @@ import pytest
 from data_curation.hkmeans import (
     KMeansParams,
     LevelSpec,
-    _kmeans_plus_plus,
     assign,
     closest_per_cluster,
     fit_hierarchy,
@@ -15,10 +14,16 @@ from data_curation.manifest import normalized_entropy
 from data_curation.sampling import balanced_sample
 
 
-def _blobs(n: int = 3000, d: int = 16, seed: int = 0) -> np.ndarray:
+def _labelled_blobs(n: int = 3000, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Points of 12 far-apart Gaussian blobs, and the blob of each."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(12, d)) * 5
-    return (centres[rng.integers(12, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+    blob = rng.integers(12, size=n)
+    return (centres[blob] + rng.normal(size=(n, d))).astype(np.float32), blob
+
+
+def _blobs(n: int = 3000, d: int = 16, seed: int = 0) -> np.ndarray:
+    return _labelled_blobs(n, d, seed)[0]
 
 
 PARAMS = KMeansParams(levels=(LevelSpec(24, 2), LevelSpec(6, 2), LevelSpec(2, 1)), iterations=5, seed=7)
@@ -51,17 +56,35 @@ def test_kmeans_plus_plus_picks_distinct_far_points():
     assert {tuple(c) for c in centres[1:]} | {tuple(centres[0])} >= {(10.0, 10.0), (-10.0, 10.0)}
 
 
+def test_kmeans_plus_plus_takes_every_point_once_when_k_is_the_point_count():
+    # Rounds draw many centres at once; a row drawn twice in a round, or one already a centre
+    # (at distance 0), must not become a second centre while other rows are still uncovered.
+    x = np.random.default_rng(1).normal(size=(300, 4)).astype(np.float32)
+    centres = kmeans_plus_plus(x, 300, np.random.default_rng(0))
+    assert len(np.unique(centres, axis=0)) == 300
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_plus_plus_rounds_seed_every_separated_blob(seed):
+    # 12 far-apart blobs and 24 seeds: a blob without a seed holds nearly all the squared
+    # distance, so k-means++ gives every blob one; drawing in rounds must keep that.
+    x, blob = _labelled_blobs(seed=seed)
+    centres = kmeans_plus_plus(x, 24, np.random.default_rng(seed))
+    rows = assign(centres, x)[0]  # each centre is a row of x
+    assert len(np.unique(blob[rows])) == 12
+
+
 class _Draws:
     """Fixed draws for k-means++: the first row as the first centre, then u for every pick."""
 
     def __init__(self, u: float):
         self.u = u
 
-    def integers(self, n: int) -> int:
-        return 0
+    def integers(self, n: int, size: int | None = None) -> int | np.ndarray:
+        return 0 if size is None else np.zeros(size, dtype=np.int64)
 
-    def random(self) -> float:
-        return self.u
+    def random(self, size: int) -> np.ndarray:
+        return np.full(size, self.u)
 
 
 def test_kmeans_plus_plus_draws_rows_after_a_far_one():
@@ -71,7 +94,7 @@ def test_kmeans_plus_plus_draws_rows_after_a_far_one():
     x = np.ones((1_000_003, 1), dtype=np.float32)
     x[0] = x[-1] = 0.0
     x[1] = 1e4
-    centres = _kmeans_plus_plus(x, 2, _Draws(0.999))
+    centres = kmeans_plus_plus(x, 2, _Draws(0.999))
     assert centres[1, 0] == 1.0
 
 
