@@ -4,8 +4,9 @@ Steps, each a data_curation call: list the sources into chunks (work folder) -> 
 and embed the chunks on Ray Data (work folder, one finished chunk at a time, so a killed
 run resumes with the chunks it had) -> exact + near dedup -> balanced hierarchical
 k-means (level-1 assignment on Ray Data) -> balanced sampling -> retrieval picks around
-seed images -> manifest, stats, plots. Only the chunks are kept between attempts: the
-later steps are deterministic under the run seed and cheap beside embedding.
+seed images (listed and embedded on Ray Data like the pool, into chunks of their own) ->
+manifest, stats, plots. Only the chunks are kept between attempts: the later steps are
+deterministic under the run seed and cheap beside embedding.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
-from data_curation.embedders import ImageSizeError, build_embedder, build_preparer, check_embedder
+from data_curation.embedders import ImageSizeError, build_preparer, check_embedder
 from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
 from data_curation.hkmeans import (
     MIN_RESAMPLE_SIZE,
@@ -45,14 +46,13 @@ from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
-from data_curation.scan import prepared_shape, scan_uris
+from data_curation.scan import prepared_shape
 from data_curation.sources import (
     Listed,
     ListingCursor,
     ListingProblems,
     SourceError,
     iter_listed,
-    iter_sources,
 )
 from data_curation.storage import Storage
 from orchestration.ray_runtime import cluster_gpus
@@ -64,6 +64,7 @@ DEMO_SOURCE = "demo:"
 _LISTING_DONE = "_DONE.json"
 _LISTING_CURSOR = "vfm.listing"  # Parquet metadata key of a listing chunk: where the listing stood
 _SEEDS_LOGGED = 20  # rejected seed images named in the log, one line each
+_SEED_LISTING, _SEED_EMBEDDINGS = "seed_listing", "seed_embeddings"  # in the work folder, beside the pool's
 _MANIFEST_ROW_GROUP = 1 << 17  # manifest rows per Parquet row group (a few chunks' worth)
 _LISTING_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
 
@@ -251,7 +252,7 @@ def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = ""
         ctx.log(f"{prefix}skipped: ... and {len(lines) - shown} more (curate/stats.json lists them all)")
 
 
-def _embedding_progress(ctx: StageContext, rows: dict[int, int]) -> Callable[[int], None]:
+def _embedding_progress(ctx: StageContext, rows: dict[int, int], prefix: str = "") -> Callable[[int], None]:
     """A progress line per finished chunk: chunks and images done, rate, time left."""
     start, total, done = time.monotonic(), sum(rows.values()), []
 
@@ -259,9 +260,37 @@ def _embedding_progress(ctx: StageContext, rows: dict[int, int]) -> Callable[[in
         done.append(rows[index])
         images = sum(done)
         rate = images / max(time.monotonic() - start, 1e-6)
-        ctx.log(f"embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{total} images, "
+        ctx.log(f"{prefix}embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{total} images, "
                 f"{rate:.0f} images/s, about {(total - images) / max(rate, 1e-6):.0f} s left")
     return on_chunk
+
+
+def _chunk_store(ctx: StageContext, name: str) -> ChunkStore:
+    """The embedding chunks in the work folder's ``name``. Local copies of remote chunks lie under
+    the same relative path in the stage's cache, which the engine keeps when it keeps the chunks
+    (named by their chunk's write, so never stale)."""
+    return ChunkStore(Storage.join(ctx.work_dir, name), ctx.storage, ctx.cache_dir / "_work" / name)
+
+
+def _embed_listing(ctx: StageContext, listing_root: str, rows_per_chunk: dict[int, int], store: ChunkStore,
+                   limits: DecodeLimits, prefix: str = "") -> None:
+    """Decode and embed, on Ray Data's actor pool, the listing chunks that ``store`` lacks."""
+    if not rows_per_chunk:
+        return
+    embed = ctx.section.embed
+    todo = sorted(set(rows_per_chunk) - store.done())
+    actors, gpus = embedding_pool(embed, cluster_gpus)
+    each = f"{embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+    n_chunks = len(rows_per_chunk)
+    ctx.log(f"{prefix}{sum(rows_per_chunk.values())} images in {n_chunks} chunk{'s' * (n_chunks != 1)}; {len(todo)} "
+            f"chunk{'s' * (len(todo) != 1)} to embed"
+            + (f" on {actors} actor{'s' * (actors > 1)} ({each}{' each' * (actors > 1)})" if todo else ""))
+    shape = prepared_shape(build_preparer(embed.embedder, embed.image_size))
+    embed_chunks([_listing_chunk(listing_root, i) for i in todo],
+                 {i: rows_per_chunk[i] for i in todo}, store, limits=limits, embedder=embed.embedder,
+                 image_size=embed.image_size, prepared_shape=shape, batch_size=embed.batch_size,
+                 actors=actors, cpus_per_actor=embed.cpus_per_actor, gpus_per_actor=gpus,
+                 on_chunk=_embedding_progress(ctx, {i: rows_per_chunk[i] for i in todo}, prefix))
 
 
 class CurateStage(Stage):
@@ -280,6 +309,10 @@ class CurateStage(Stage):
                       "embedder": cfg.embed.embedder,
                       "image_size": None if cfg.embed.embedder == "builtin" else cfg.embed.image_size}
         paths = {"_work/listing": listing, "_work/embeddings": embeddings}
+        if cfg.retrieval.seeds:
+            seed_listing = {**listing, "sources": cfg.retrieval.seeds, "demo": None}
+            paths[f"_work/{_SEED_LISTING}"] = seed_listing
+            paths[f"_work/{_SEED_EMBEDDINGS}"] = {**embeddings, "listing": seed_listing}
         if demo:
             paths["demo_pool"] = demo
         return paths
@@ -314,23 +347,12 @@ class CurateStage(Stage):
         except SourceError as exc:
             raise SourceError(f"curate.sources: {exc}") from None
         _log_problems(ctx, problems)
-        seed_uris = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
-        # Local copies of remote chunks under the same relative path as the chunks: the engine keeps
-        # them when the chunks are kept (named by their chunk's write, so never stale).
-        store = ChunkStore(Storage.join(ctx.work_dir, "embeddings"), storage, ctx.cache_dir / "_work" / "embeddings")
-        todo = sorted(set(rows_per_chunk) - store.done())
-        actors, gpus = embedding_pool(cfg.embed, cluster_gpus)
-        each = f"{cfg.embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
-        n_chunks = len(rows_per_chunk)
-        ctx.log(f"{sum(rows_per_chunk.values())} images in {n_chunks} chunk{'s' * (n_chunks != 1)}; {len(todo)} "
-                f"chunk{'s' * (len(todo) != 1)} to embed"
-                + (f" on {actors} actor{'s' * (actors > 1)} ({each}{' each' * (actors > 1)})" if todo else ""))
-        shape = prepared_shape(build_preparer(cfg.embed.embedder, cfg.embed.image_size))
-        embed_chunks([_listing_chunk(listing_root, i) for i in todo],
-                     {i: rows_per_chunk[i] for i in todo}, store, limits=limits, embedder=cfg.embed.embedder,
-                     image_size=cfg.embed.image_size, prepared_shape=shape, batch_size=cfg.embed.batch_size,
-                     actors=actors, cpus_per_actor=cfg.embed.cpus_per_actor, gpus_per_actor=gpus,
-                     on_chunk=_embedding_progress(ctx, {i: rows_per_chunk[i] for i in todo}))
+        seed_rows = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
+        store = _chunk_store(ctx, "embeddings")
+        _embed_listing(ctx, listing_root, rows_per_chunk, store, limits)
+        seed_store = _chunk_store(ctx, _SEED_EMBEDDINGS)
+        _embed_listing(ctx, Storage.join(ctx.work_dir, _SEED_LISTING), seed_rows, seed_store, limits,
+                       "retrieval seeds: ")
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
         # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
@@ -369,7 +391,7 @@ class CurateStage(Stage):
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)
         selected_by[kept_rows[picked]] = "balanced"
-        retrieved, seeds_used = self._retrieve(cfg, ctx, limits, chunks, dedup.kept, seed_uris)
+        retrieved, seeds_used = self._retrieve(cfg, ctx, chunks, dedup.kept, seed_store, seed_rows)
         fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
         selected_by[fresh] = "retrieval"
 
@@ -393,7 +415,7 @@ class CurateStage(Stage):
             "selected": float((selected_by != None).sum()),  # noqa: E711
             "selected_balanced": float((selected_by == "balanced").sum()),
             "selected_retrieval": float((selected_by == "retrieval").sum()),
-            "retrieval_seeds": float(len(seed_uris)), "retrieval_seeds_used": float(seeds_used),
+            "retrieval_seeds": float(sum(seed_rows.values())), "retrieval_seeds_used": float(seeds_used),
             "balance_before": normalized_entropy(top, len(np.unique(top))),
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
@@ -472,44 +494,53 @@ class CurateStage(Stage):
         return hierarchy, labels, distance
 
     @staticmethod
-    def _list_seeds(cfg, ctx: StageContext) -> list[str]:
-        problems = ListingProblems()
+    def _list_seeds(cfg, ctx: StageContext) -> dict[int, int]:
+        """The retrieval seeds listed into chunks of their own (rows per chunk; none without seeds)."""
+        if not cfg.retrieval.seeds:
+            return {}
         try:
-            uris = list(iter_sources(cfg.retrieval.seeds, ctx.storage, sniff=cfg.sniff, uri_column=cfg.uri_column,
-                                     problems=problems))
+            rows, problems = write_listing(cfg.retrieval.seeds, Storage.join(ctx.work_dir, _SEED_LISTING), ctx.storage,
+                                           cfg.embed.chunk_size, cfg.sniff, cfg.uri_column,
+                                           log=lambda line: ctx.log(f"retrieval seeds: {line}"))
         except SourceError as exc:
             raise SourceError(f"curate.retrieval.seeds: {exc}") from None
         _log_problems(ctx, problems, "retrieval seeds: ")
-        if cfg.retrieval.seeds and not uris:
+        if not rows:
             skipped = "; ".join(problems.lines())
             raise SourceError(f"curate.retrieval.seeds: no images found in {cfg.retrieval.seeds}"
                               + (f" ({skipped})" if skipped else ""))
-        return uris
+        return rows
 
     @staticmethod
-    def _retrieve(cfg, ctx: StageContext, limits: DecodeLimits, chunks: list[Chunk], kept: np.ndarray,
-                  seed_uris: list[str]) -> tuple[np.ndarray, int]:
+    def _retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seed_store: ChunkStore,
+                  seed_rows: dict[int, int]) -> tuple[np.ndarray, int]:
         """Positions among kept rows of the k nearest pool images of each seed image, and the
-        number of seed images used. Seeds are decoded with the pool's limits: a rejected seed
-        is logged with its reason, and none left is an error (the pool's chunks stay)."""
-        if not seed_uris:
+        number of seed images used. Seeds were decoded with the pool's limits: a rejected seed
+        is logged with its reason, and none left is an error (the pool's chunks stay; the seeds'
+        listing and chunks go, so that the next attempt reads the fixed seed sources anew)."""
+        if not seed_rows:
             return np.zeros(0, dtype=np.int64), 0
-        embedder = build_embedder(cfg.embed.embedder, cfg.embed.image_size, ctx.storage)
-        seeds = scan_uris(seed_uris, embedder, limits, ctx.storage)
-        used = int(seeds["accepted"].sum())
-        turned_away = [(uri, reason) for uri, reason in zip(seeds["uri"], seeds["reject_reason"], strict=True) if reason]
+        seeds = [seed_store.read(i, ("uri", "reject_reason")) for i in sorted(seed_rows)]
+        used = sum(len(c.embedding) for c in seeds)
+        turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
+        for chunk in seeds:
+            bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))
+            turned_away += zip(bad["uri"].to_pylist(), bad["reject_reason"].to_pylist(), strict=True)
         reasons = Counter(reason for _, reason in turned_away)
         rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+        listed = sum(seed_rows.values())
         if used == 0:
-            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {len(seed_uris)} seed "
+            seed_store.clear()
+            ctx.storage.rm(Storage.join(ctx.work_dir, _SEED_LISTING), recursive=True)
+            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {listed} seed "
                              f"images could be used; rejected: {rejected}")
         for uri, reason in turned_away[:_SEEDS_LOGGED]:
             ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
         if len(turned_away) > _SEEDS_LOGGED:
             ctx.log(f"retrieval seeds: ... and {len(turned_away) - _SEEDS_LOGGED} more rejected")
         pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
-        picks = retrieval_picks(pool, seeds["embedding"][seeds["accepted"]], cfg.retrieval.k)
-        ctx.log(f"retrieval: {used} of {len(seed_uris)} seed images used" + (f" ({rejected} rejected)" if rejected else "")
+        picks = retrieval_picks(pool, RowSet([c.embedding for c in seeds]), cfg.retrieval.k)
+        ctx.log(f"retrieval: {used} of {listed} seed images used" + (f" ({rejected} rejected)" if rejected else "")
                 + f"; {len(picks)} pool images within the {cfg.retrieval.k} nearest of a seed")
         return picks, used
 

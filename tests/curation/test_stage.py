@@ -48,6 +48,10 @@ class Recording(StageContext):
         self.lines.append(message)
 
 
+def _rejected_seeds(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("retrieval seeds: ") and "rejected" in line]
+
+
 def _context(root: Path, section: CurateConfig, cls=StageContext, storage: Storage | None = None) -> StageContext:
     config = SimpleNamespace(run=RunConfig(seed=0), curate=section)
     return cls(name="curate", config=config, section=section, run_dir=str(root), dir=str(root / "curate"),
@@ -147,12 +151,34 @@ def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixe
         assert Storage().read_bytes(row.uri) and row.sha256 == row.id
     assert ("cluster_sizes.png", "plots") in ctx.tracker.artifacts
     assert metrics["retrieval_seeds"] == 3 and metrics["retrieval_seeds_used"] == 2
-    assert [line for line in ctx.lines if line.startswith("retrieval seeds: ")] == [
-        f"retrieval seeds: {mixed_pool}/seeds/s-empty.png rejected: empty"]
+    assert _rejected_seeds(ctx.lines) == [f"retrieval seeds: {mixed_pool}/seeds/s-empty.png rejected: empty"]
+    # The seeds are embedded like the pool, on Ray's actors, into chunks a resumed attempt keeps.
+    assert "retrieval seeds: 3 images in 1 chunk; 1 chunk to embed on 1 actor (1 CPU)" in ctx.lines
+    assert len(list((tmp_path / "curate" / "_work" / "seed_embeddings").glob("chunk-*.parquet"))) == 1
     retrieval = [line for line in ctx.lines if line.startswith("retrieval: ")]
     assert len(retrieval) == 1 and re.fullmatch(  # 2 seeds x k = 2
         r"retrieval: 2 of 3 seed images used \(empty 1 rejected\); [1-4] pool images within the 2 nearest of a seed",
         retrieval[0])
+
+
+def test_seed_chunks_are_kept_across_config_changes_that_leave_them_as_they_were(tmp_path):
+    seed_folder = str(tmp_path / "seeds")
+
+    def reusable(sample=None, retrieval=None, embed=None) -> dict:
+        section = CurateConfig(sources=[str(tmp_path / "pool")], sample=sample or {}, embed=embed or {},
+                               retrieval=retrieval or {"seeds": [seed_folder]})
+        return CurateStage().reusable(SimpleNamespace(run=RunConfig(seed=0), curate=section))
+
+    seeds = ["_work/seed_listing", "_work/seed_embeddings"]
+    base = reusable()
+    assert set(seeds) <= set(base)
+    assert reusable(sample={"target": 0.5}) == base
+    assert reusable(retrieval={"seeds": [seed_folder], "k": 3}) == base
+    other_seeds = reusable(retrieval={"seeds": [str(tmp_path / "more-seeds")]})
+    assert [p for p in base if other_seeds[p] != base[p]] == seeds
+    other_embedder = reusable(embed={"embedder": "arch:vit_test"})
+    assert [p for p in base if other_embedder[p] != base[p]] == ["_work/embeddings", "_work/seed_embeddings"]
+    assert not set(seeds) & set(reusable(retrieval={"seeds": []}))
 
 
 def test_the_embedding_pool_takes_one_gpu_actor_per_gpu_for_a_backbone_and_one_cpu_actor_otherwise():
@@ -268,7 +294,8 @@ def test_seed_images_that_are_all_rejected_fail_in_one_line_and_the_pool_stays_e
         np.kron(load_builtin("digits").images[0], np.ones((3, 3), dtype=np.uint8))), "PNG"))
     ctx = _context(tmp_path, section, Recording)
     CurateStage().run(ctx)
-    named = [line for line in ctx.lines if line.startswith("retrieval seeds: ")]
+    assert "retrieval seeds: 25 images in 2 chunks; 2 chunks to embed on 1 actor (1 CPU)" in ctx.lines  # listed anew
+    named = _rejected_seeds(ctx.lines)
     assert len(named) == 21 and named[0] == f"retrieval seeds: {tmp_path}/bad-seeds/a.png rejected: empty"
     assert named[-1] == "retrieval seeds: ... and 4 more rejected"
     assert len(list((tmp_path / "curate" / "_work").glob("embeddings/chunk-*.parquet"))) == 4
