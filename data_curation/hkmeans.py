@@ -112,23 +112,30 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
+    finite = np.isfinite(x).all(axis=1)  # a row with a NaN or inf is never drawn (the pipeline rejects them)
+    if not finite.any():
+        raise ValueError(f"k-means++: none of the {n} points is finite")
     centres = np.empty((k, x.shape[1]), dtype=np.float32)
-    centres[0] = x[rng.integers(n)]
-    # float64: a float32 running sum stops growing once it dwarfs the terms (the rows after
-    # a far one could not be drawn), and the total is that same sum's last entry
-    nearest = np.maximum(assign(x, centres[:1])[1], 0.0).astype(np.float64)
+    rows = np.flatnonzero(finite)
+    centres[0] = x[rows[rng.integers(len(rows))]]
+
+    def sq_distances(new: np.ndarray) -> np.ndarray:
+        # float64: a float32 running sum stops growing once it dwarfs the terms (the rows after
+        # a far one could not be drawn), and the total is that same sum's last entry
+        return np.where(finite, np.maximum(assign(x, new)[1], 0.0).astype(np.float64), 0.0)
+
+    nearest = sq_distances(centres[:1])
     chosen = 1
     while chosen < k:
         want = min(k - chosen, max(1, chosen // _ROUND_GROWTH))
         cumulative = np.cumsum(nearest)
         total = float(cumulative[-1])
         if total <= 0.0:  # fewer distinct points than k: repeat points; Lloyd handles empties
-            picks = rng.integers(n, size=want)
+            picks = rows[rng.integers(len(rows), size=want)]
         else:  # a row drawn twice in a round is one centre; later rounds draw the rest
             picks = np.unique(np.minimum(np.searchsorted(cumulative, rng.random(want) * total, side="right"), n - 1))
         centres[chosen:chosen + len(picks)] = x[picks]
-        dist = assign(x, centres[chosen:chosen + len(picks)])[1]
-        np.minimum(nearest, np.maximum(dist, 0.0), out=nearest)
+        np.minimum(nearest, sq_distances(centres[chosen:chosen + len(picks)]), out=nearest)
         chosen += len(picks)
     return centres
 

@@ -64,6 +64,17 @@ def test_kmeans_plus_plus_takes_every_point_once_when_k_is_the_point_count():
     assert len(np.unique(centres, axis=0)) == 300
 
 
+def test_kmeans_plus_plus_never_draws_a_row_that_is_not_finite():
+    # faiss puts a NaN row nowhere at the greatest distance: weighted by it, every round drew it.
+    x = np.random.default_rng(2).normal(size=(2000, 4)).astype(np.float32)
+    x[[5, 700, 1999]] = np.nan
+    x[11, 2] = np.inf
+    centres = kmeans_plus_plus(x, 200, np.random.default_rng(0))
+    assert np.isfinite(centres).all() and len(np.unique(centres, axis=0)) == 200
+    with pytest.raises(ValueError, match="none of the 3 points is finite"):
+        kmeans_plus_plus(np.full((3, 2), np.nan, dtype=np.float32), 2, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_kmeans_plus_plus_rounds_seed_every_separated_blob(seed):
     # 12 far-apart blobs and 24 seeds: a blob without a seed holds nearly all the squared
