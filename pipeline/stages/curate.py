@@ -76,16 +76,20 @@ def kmeans_params(cfg, seed: int) -> KMeansParams:
                         init_points_per_centroid=cfg.init_points_per_centroid, seed=seed)
 
 
-def embedding_pool(embed, gpus_in_cluster: Callable[[], float]) -> tuple[int, float]:
+def embedding_pool(embed, gpus_in_cluster: Callable[[], float], images: int | None = None) -> tuple[int, float]:
     """(actors, GPUs per actor) of the embedding pool, with ``auto`` resolved: GPU actors
     when the embedder is a backbone and the cluster has a GPU (``gpus_in_cluster()``, asked
-    only then), one per GPU; otherwise one CPU actor."""
+    only then), one per GPU; otherwise one CPU actor. For ``images`` to embed, no more actors
+    than batches: each actor loads the model first, and Ray Data starts the whole pool at once,
+    so a few images (a handful of retrieval seeds) take one actor."""
     gpus = embed.gpus_per_actor
     if gpus == "auto":
         gpus = 1.0 if embed.embedder != "builtin" and gpus_in_cluster() >= 1 else 0.0
     actors = embed.actors
     if actors == "auto":
         actors = max(1, int(gpus_in_cluster() // gpus)) if gpus > 0 else 1
+    if images is not None:
+        actors = min(actors, max(1, -(-images // embed.batch_size)))
     return int(actors), float(gpus)
 
 
@@ -279,7 +283,7 @@ def _embed_listing(ctx: StageContext, listing_root: str, rows_per_chunk: dict[in
         return
     embed = ctx.section.embed
     todo = sorted(set(rows_per_chunk) - store.done())
-    actors, gpus = embedding_pool(embed, cluster_gpus)
+    actors, gpus = embedding_pool(embed, cluster_gpus, sum(rows_per_chunk[i] for i in todo))
     each = f"{embed.cpus_per_actor:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
     n_chunks = len(rows_per_chunk)
     ctx.log(f"{prefix}{sum(rows_per_chunk.values())} images in {n_chunks} chunk{'s' * (n_chunks != 1)}; {len(todo)} "

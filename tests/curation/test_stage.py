@@ -195,6 +195,10 @@ def test_the_embedding_pool_takes_one_gpu_actor_per_gpu_for_a_backbone_and_one_c
     assert embedding_pool(backbone, gpus(0)) == (1, 0.0)
     assert embedding_pool(backbone.model_copy(update={"gpus_per_actor": 0.5}), gpus(4)) == (8, 0.5)
     assert embedding_pool(backbone.model_copy(update={"actors": 3}), gpus(8)) == (3, 1.0)
+    # No more actors than batches: each would load the model to embed nothing.
+    assert embedding_pool(backbone, gpus(8), images=3 * backbone.batch_size - 1) == (3, 1.0)
+    assert embedding_pool(backbone, gpus(8), images=3) == (1, 1.0)
+    assert embedding_pool(backbone, gpus(8), images=0) == (1, 1.0)
     assert embedding_pool(backbone.model_copy(update={"gpus_per_actor": 0.0}), never) == (1, 0.0)
     # asked for GPUs on a CPU cluster: one actor, which the engine's resource check then refuses in one line
     assert embedding_pool(auto.model_copy(update={"gpus_per_actor": 1.0}), gpus(0)) == (1, 1.0)
