@@ -3,10 +3,11 @@
 Each level of the hierarchy seeds k centres by k-means++ on ``init_points_per_centroid``
 (8) x k points. The baseline, measured in the same run on the same points, is textbook
 k-means++ as vfm ran it before: one centre per pass, each pass a matrix-vector product
-(numpy) over all the points. The rounds draw many centres per pass and update the
-distances with one faiss search. Both do about 8 k^2 d multiply-adds: the baseline as k
-memory-bound passes, the rounds as ~100 matrix products (every core, or the GPUs), so
-the speed-up grows with k and d. Quality: inertia (sum of squared distances to the nearest
+(numpy, with its own threads; vfm pinned them to one: as fast or slower here) over all
+the points. The rounds draw many centres per pass and update the distances with one faiss
+search. Both do about 8 k^2 d multiply-adds: the baseline as k memory-bound passes, the
+rounds as ~100 matrix products (every core, or the GPUs), so the speed-up grows with k and
+d until the points outgrow the caches. Quality: inertia (sum of squared distances to the nearest
 centre) after seeding and after the same Lloyd iterations from those seeds, rounds /
 baseline, mean over ``--repeats`` seeds (1.0 = the same; k-means++ alone swings by a few
 percent between seeds).

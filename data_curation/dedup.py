@@ -9,6 +9,7 @@ input order is kept, so the choice is deterministic.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from data_curation.knn import RowSet, build_ip_index, return_freed_memory, search_blocks
+from data_curation.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,13 @@ def sha256_digests(hex_digests: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray, threshold: float = 0.99,
-                k: int = 16) -> DedupResult:
+                k: int = 16, log: Callable[[str], None] | None = None) -> DedupResult:
     """Group rows that are byte-identical or whose descriptors are more similar than ``threshold``.
 
     ``sha256`` holds one comparable value per row (hex strings, or :func:`sha256_digests`);
     ``descriptors`` is (N, D) float32 with unit-norm rows (zero rows never match anything),
-    an array or the rows of memory-mapped chunks.
+    an array or the rows of memory-mapped chunks. ``log`` gets progress lines on a long search
+    (:class:`~data_curation.progress.Progress`).
     """
     sha = np.asarray(sha256)
     n = len(sha)
@@ -80,11 +83,13 @@ def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray
     m = len(unique_rows)
     index = build_ip_index(vectors)
     src, dst = [], []
+    progress = Progress(log, "near dedup", m, "distinct images searched")
     for start, sims, neighbours in search_blocks(index, vectors, min(k + 1, m), exact_above=threshold):
         rows = np.arange(start, start + len(sims))[:, None]
         edge = (sims > threshold) & (neighbours >= 0) & (neighbours != rows)
         src.append(np.broadcast_to(rows, edge.shape)[edge])
         dst.append(neighbours[edge])
+        progress(start + len(sims))
     del index
     return_freed_memory()
     src, dst = np.concatenate(src), np.concatenate(dst)

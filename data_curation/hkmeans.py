@@ -30,12 +30,15 @@ by chunk or on many workers. Everything is deterministic under ``seed``.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from data_curation.knn import faiss_gpu_count
+from data_curation.progress import Progress, is_long
 
 _ASSIGN_BATCH = 65536
 MIN_RESAMPLE_SIZE = 2  # points kept per cluster below which a resampling step is skipped
@@ -166,20 +169,28 @@ def resampling_sample_size(n: int, k: int) -> int:
     return int(round(n / max(1, min(k, n)) / 2))
 
 
-def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams,
-              rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """The (k, D) centroids of one level trained on ``x`` (N, D), and the resampling steps run."""
+def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.random.Generator,
+              log: Callable[[str], None] | None = None, what: str = "k-means") -> tuple[np.ndarray, int]:
+    """The (k, D) centroids of one level trained on ``x`` (N, D), and the resampling steps run.
+    ``log`` gets progress lines on a long fit, each starting with ``what``: the first k-means
+    (seeding and ``iterations`` Lloyd passes) when it was long, then the resampling steps, which
+    cost about the same each (:class:`~data_curation.progress.Progress`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(spec.k, len(x))
+    start = time.monotonic()
     centroids = _lloyd(x, _seed(x, k, params, rng), params.iterations, int(rng.integers(2**31)))
     per_cluster = resampling_sample_size(len(x), k)
     steps = spec.resampling_steps if per_cluster >= MIN_RESAMPLE_SIZE else 0
+    progress = Progress(log, what, steps, "resampling steps")
+    if log is not None and is_long(seconds := time.monotonic() - start):
+        log(f"{what}: first k-means done in {seconds:,.0f} s, {steps} resampling step{'s' * (steps != 1)} to go")
     for step in range(steps):
         labels, dist = assign(x, centroids)
         near = x[closest_per_cluster(labels, dist, per_cluster)]
         if len(near) < k:  # most clusters are empty (fewer distinct points than k): nothing to spread
             return centroids, step
         centroids = _lloyd(near, _seed(near, k, params, rng), params.resample_iterations, int(rng.integers(2**31)))
+        progress(step + 1)
     return centroids, steps
 
 
@@ -198,17 +209,28 @@ def training_rows(n: int, params: KMeansParams) -> np.ndarray:
     return np.sort(rng.choice(n, size=cap, replace=False))
 
 
-def fit_hierarchy(train: np.ndarray, params: KMeansParams) -> Hierarchy:
+def fit_hierarchy(train: np.ndarray, params: KMeansParams, log: Callable[[str], None] | None = None) -> Hierarchy:
     """Train all levels: level 1 on ``train`` (rows chosen by :func:`training_rows`), the
-    others on the centroids of the level below."""
+    others on the centroids of the level below. ``log`` gets progress lines on a long fit: those
+    of :func:`fit_level`, and a line when a level that took longer than the interval between
+    two lines (:class:`~data_curation.progress.Progress`) is done."""
     if not params.levels:
         raise ValueError("hierarchical k-means needs at least one level")
     rng = np.random.default_rng([params.seed, 2])
-    first, steps_run = fit_level(train, params.levels[0], params, rng)
+
+    def fit(number: int, x: np.ndarray) -> tuple[np.ndarray, int]:
+        spec, start = params.levels[number - 1], time.monotonic()
+        what = f"k-means level {number}/{len(params.levels)} (k = {spec.k:,}, {len(x):,} points)"
+        fitted = fit_level(x, spec, params, rng, log, what)
+        if log is not None and is_long(seconds := time.monotonic() - start):
+            log(f"{what}: done in {seconds:,.0f} s")
+        return fitted
+
+    first, steps_run = fit(1, train)
     hierarchy = Hierarchy([first], resampling_steps_run=[steps_run])
-    for spec in params.levels[1:]:
+    for number in range(2, len(params.levels) + 1):
         below = hierarchy.centroids[-1]
-        level, steps_run = fit_level(below, spec, params, rng)
+        level, steps_run = fit(number, below)
         hierarchy.parents.append(assign(below, level)[0])
         hierarchy.centroids.append(level)
         hierarchy.resampling_steps_run.append(steps_run)

@@ -15,11 +15,13 @@ exactly from the mapped vectors. Similarities that callers see are exact where i
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+from data_curation.progress import Progress
 
 # Above this many base vectors an exact (flat) search is replaced by an IVF index.
 FLAT_MAX = 200_000
@@ -243,16 +245,22 @@ def search_blocks(index: IpIndex, queries: RowSet | np.ndarray, k: int,
         start += len(block)
 
 
-def knn_search(base: RowSet | np.ndarray, queries: RowSet | np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(base: RowSet | np.ndarray, queries: RowSet | np.ndarray, k: int,
+               log: Callable[[str], None] | None = None, what: str = "k-NN search") -> tuple[np.ndarray, np.ndarray]:
     """(similarities, indices), each (Q, k), exact similarities best first; missing neighbours
-    have index -1. Over a compressed index the k are the best of 2k candidates, re-ranked."""
+    have index -1. Over a compressed index the k are the best of 2k candidates, re-ranked.
+    ``log`` gets progress lines on a long search, each starting with ``what``
+    (:class:`~data_curation.progress.Progress`)."""
     base, queries = RowSet.of(base), RowSet.of(queries)
     if len(base) == 0 or len(queries) == 0 or k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     index = build_ip_index(base)
     candidates = min(k if index.error is None else 2 * k, len(base))
-    found = [(s[:, :k], i[:, :k]) for _, s, i in search_blocks(index, queries, candidates)]
+    found = []
+    progress = Progress(log, what, len(queries), "queries searched")  # from here: the index is built
+    for start, s, i in search_blocks(index, queries, candidates):
+        found.append((s[:, :k], i[:, :k]))
+        progress(start + len(s))
     del index
     return_freed_memory()
     return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])

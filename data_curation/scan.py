@@ -3,8 +3,7 @@
 :func:`decode_rows` turns a batch of URIs into columns (one row per URI, rejected rows
 included) that an embedding step completes with :func:`embed_rows`. The two halves are
 separate so that decoding (CPU, many tasks) and embedding (a model, an actor pool) can be
-scheduled apart; :func:`scan_uris` runs both in-process for small inputs such as seed
-sets.
+scheduled apart; :func:`scan_uris` runs both in-process for small inputs (tests, benches).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from data_curation.hkmeans import (
 from data_curation.knn import RowSet, faiss_has_gpu_support
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
+from data_curation.progress import is_long
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape
@@ -257,16 +258,28 @@ def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = ""
 
 
 def _embedding_progress(ctx: StageContext, rows: dict[int, int], prefix: str = "") -> Callable[[int], None]:
-    """A progress line per finished chunk: chunks and images done, rate, time left."""
+    """A progress line for the first and the last finished chunk and for one in between at most
+    every :data:`~data_curation.progress.PROGRESS_EVERY_S` (a fast cluster finishes many chunks
+    a second): chunks and images done, rate, time left."""
     start, total, done = time.monotonic(), sum(rows.values()), []
+    last_line = [start]
 
     def on_chunk(index: int) -> None:
         done.append(rows[index])
+        now = time.monotonic()
+        if 1 < len(done) < len(rows) and not is_long(now - last_line[0]):
+            return
+        last_line[0] = now
         images = sum(done)
-        rate = images / max(time.monotonic() - start, 1e-6)
+        rate = images / max(now - start, 1e-6)
         ctx.log(f"{prefix}embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{total} images, "
                 f"{rate:.0f} images/s, about {(total - images) / max(rate, 1e-6):.0f} s left")
     return on_chunk
+
+
+def _by_reason(reasons: Iterable[str]) -> str:
+    """Reject reasons counted, as "empty 1, not_an_image 2"."""
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(Counter(reasons).items()))
 
 
 def _chunk_store(ctx: StageContext, name: str) -> ChunkStore:
@@ -357,6 +370,7 @@ class CurateStage(Stage):
         seed_store = _chunk_store(ctx, _SEED_EMBEDDINGS)
         _embed_listing(ctx, Storage.join(ctx.work_dir, _SEED_LISTING), seed_rows, seed_store, limits,
                        "retrieval seeds: ")
+        seeds = self._seed_chunks(cfg, ctx, seed_store, seed_rows)
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
         # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
@@ -373,7 +387,7 @@ class CurateStage(Stage):
             raise ValueError(f"none of the {n} images in curate.sources {cfg.sources} could be used; "
                              f"rejected: {reasons_seen}")
 
-        dedup = self._dedup(cfg, chunks, digests)
+        dedup = self._dedup(cfg, chunks, digests, ctx)
         del digests
         kept_rows = accepted_rows[dedup.kept]
         ctx.log(f"{len(accepted_rows)} accepted, {n - len(accepted_rows)} rejected"
@@ -395,7 +409,7 @@ class CurateStage(Stage):
                                  weighting=cfg.sample.weighting)
         selected_by = np.full(n, None, dtype=object)
         selected_by[kept_rows[picked]] = "balanced"
-        retrieved, seeds_used = self._retrieve(cfg, ctx, chunks, dedup.kept, seed_store, seed_rows)
+        retrieved = self._retrieve(cfg, ctx, chunks, dedup.kept, seeds)
         fresh = kept_rows[retrieved][selected_by[kept_rows[retrieved]] == None]  # noqa: E711
         selected_by[fresh] = "retrieval"
 
@@ -419,7 +433,8 @@ class CurateStage(Stage):
             "selected": float((selected_by != None).sum()),  # noqa: E711
             "selected_balanced": float((selected_by == "balanced").sum()),
             "selected_retrieval": float((selected_by == "retrieval").sum()),
-            "retrieval_seeds": float(sum(seed_rows.values())), "retrieval_seeds_used": float(seeds_used),
+            "retrieval_seeds": float(sum(seed_rows.values())),
+            "retrieval_seeds_used": float(sum(len(c.embedding) for c in seeds)),
             "balance_before": normalized_entropy(top, len(np.unique(top))),
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
@@ -444,10 +459,10 @@ class CurateStage(Stage):
         return metrics
 
     @staticmethod
-    def _dedup(cfg, chunks: list[Chunk], digests: np.ndarray):
+    def _dedup(cfg, chunks: list[Chunk], digests: np.ndarray, ctx: StageContext):
         key = "copy" if cfg.dedup.descriptor == "copy" else "embedding"
         vectors = RowSet([getattr(c, key) for c in chunks])
-        return deduplicate(digests, vectors, cfg.dedup.threshold, cfg.dedup.k)
+        return deduplicate(digests, vectors, cfg.dedup.threshold, cfg.dedup.k, log=ctx.log)
 
     @staticmethod
     def _write_manifest(ctx: StageContext, store: ChunkStore, chunks: list[Chunk], dup_group: np.ndarray,
@@ -485,16 +500,20 @@ class CurateStage(Stage):
         kept_rows = np.flatnonzero(kept)  # positions among accepted rows
         train_rows = kept_rows[training_rows(len(kept_rows), params)]
         train = RowSet([c.embedding for c in chunks]).take(train_rows)  # (n_train, D), only the sample in RAM
-        hierarchy = fit_hierarchy(train, params)
+        ctx.log(f"hierarchical k-means: fitting levels k = {[level.k for level in params.levels]} on "
+                f"{len(train):,} of the {len(kept_rows):,} images left after dedup")
+        hierarchy = fit_hierarchy(train, params, log=ctx.log)
         ctx.log(f"hierarchical k-means: levels {[len(c) for c in hierarchy.centroids]}, resampling steps run "
                 f"{hierarchy.resampling_steps_run}")
         _log_resampling_cut(ctx, cfg.cluster.levels, hierarchy, len(train))
         gpus = assign_task_gpus(cfg.cluster, cluster_gpus)
-        ctx.log(f"level-1 assignment: {len(chunks)} chunk task{'s' * (len(chunks) != 1)}"
+        busy = {c.index: c.generation for c in chunks if len(c.embedding)}  # a chunk of rejects has nothing to assign
+        ctx.log(f"level-1 assignment: {len(busy)} chunk task{'s' * (len(busy) != 1)}"
                 + (f", {gpus:g} GPU each" if gpus else " on CPU"))
-        assigned = assign_chunks(store, {c.index: c.generation for c in chunks}, hierarchy.centroids[0], gpus=gpus)
-        labels = np.concatenate([assigned[c.index][0] for c in chunks])[kept]
-        distance = np.concatenate([assigned[c.index][1] for c in chunks])[kept]
+        assigned = assign_chunks(store, busy, hierarchy.centroids[0], gpus=gpus, log=ctx.log)
+        nothing = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        labels = np.concatenate([assigned.get(c.index, nothing)[0] for c in chunks])[kept]
+        distance = np.concatenate([assigned.get(c.index, nothing)[1] for c in chunks])[kept]
         return hierarchy, labels, distance
 
     @staticmethod
@@ -516,37 +535,40 @@ class CurateStage(Stage):
         return rows
 
     @staticmethod
-    def _retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seed_store: ChunkStore,
-                  seed_rows: dict[int, int]) -> tuple[np.ndarray, int]:
-        """Positions among kept rows of the k nearest pool images of each seed image, and the
-        number of seed images used. Seeds were decoded with the pool's limits: a rejected seed
-        is logged with its reason, and none left is an error (the pool's chunks stay; the seeds'
-        listing and chunks go, so that the next attempt reads the fixed seed sources anew)."""
-        if not seed_rows:
-            return np.zeros(0, dtype=np.int64), 0
+    def _seed_chunks(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[int, int]) -> list[Chunk]:
+        """The embedded seed chunks, right after the seeds are embedded. Seeds are decoded with
+        the pool's limits: a rejected seed is logged with its reason, and none left is an error
+        at once (the pool's chunks stay; the seeds' listing and chunks go, so that the next
+        attempt reads the fixed seed sources anew)."""
         seeds = [seed_store.read(i, ("uri", "reject_reason")) for i in sorted(seed_rows)]
-        used = sum(len(c.embedding) for c in seeds)
         turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
         for chunk in seeds:
             bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))
             turned_away += zip(bad["uri"].to_pylist(), bad["reject_reason"].to_pylist(), strict=True)
-        reasons = Counter(reason for _, reason in turned_away)
-        rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
-        listed = sum(seed_rows.values())
-        if used == 0:
+        if seeds and not any(len(c.embedding) for c in seeds):
             seed_store.clear()
             ctx.storage.rm(Storage.join(ctx.work_dir, _SEED_LISTING), recursive=True)
-            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {listed} seed "
-                             f"images could be used; rejected: {rejected}")
+            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {sum(seed_rows.values())} "
+                             f"seed images could be used; rejected: {_by_reason(r for _, r in turned_away)}")
         for uri, reason in turned_away[:_SEEDS_LOGGED]:
             ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
         if len(turned_away) > _SEEDS_LOGGED:
             ctx.log(f"retrieval seeds: ... and {len(turned_away) - _SEEDS_LOGGED} more rejected")
+        return seeds
+
+    @staticmethod
+    def _retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seeds: list[Chunk]) -> np.ndarray:
+        """Positions among kept rows of the k nearest pool images of each seed image used."""
+        if not seeds:
+            return np.zeros(0, dtype=np.int64)
+        used = sum(len(c.embedding) for c in seeds)
+        listed = sum(c.meta.num_rows for c in seeds)
+        rejected = _by_reason(r for c in seeds for r in c.meta["reject_reason"].drop_null().to_pylist())
         pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
-        picks = retrieval_picks(pool, RowSet([c.embedding for c in seeds]), cfg.retrieval.k)
+        picks = retrieval_picks(pool, RowSet([c.embedding for c in seeds]), cfg.retrieval.k, log=ctx.log)
         ctx.log(f"retrieval: {used} of {listed} seed images used" + (f" ({rejected} rejected)" if rejected else "")
                 + f"; {len(picks)} pool images within the {cfg.retrieval.k} nearest of a seed")
-        return picks, used
+        return picks
 
     @staticmethod
     def _save_hierarchy(ctx: StageContext, hierarchy: Hierarchy) -> None:

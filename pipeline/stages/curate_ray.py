@@ -22,6 +22,7 @@ from data_curation.decode import DecodeLimits
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import SPAN_COLUMNS, ChunkStore
 from data_curation.hkmeans import assign
+from data_curation.progress import Progress
 from data_curation.scan import decode_rows, embed_rows
 from data_curation.storage import Storage, StorageError
 from orchestration.ray_runtime import remote_cause, remote_text
@@ -162,12 +163,13 @@ def _assign_batch(batch: dict[str, np.ndarray], store_root: str, storage_options
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def assign_chunks(store: ChunkStore, chunks: dict[int, str | None], centroids: np.ndarray,
-                  gpus: float = 0.0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def assign_chunks(store: ChunkStore, chunks: dict[int, str | None], centroids: np.ndarray, gpus: float = 0.0,
+                  log: Callable[[str], None] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Level-1 (labels, squared distances) of every accepted row of each chunk (index ->
     generation, see :attr:`Chunk.generation`), one Ray task per chunk reserving ``gpus`` (faiss
     searches on the GPUs it sees: none without one). A task maps its chunk through the store's
-    cache folder, the same path on every node (on the driver's node, the driver's copy)."""
+    cache folder, the same path on every node (on the driver's node, the driver's copy).
+    ``log`` gets progress lines on a long pass (:class:`~data_curation.progress.Progress`)."""
     _quiet_data_context()
     chunk_indices = list(chunks)
     ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
@@ -177,11 +179,13 @@ def assign_chunks(store: ChunkStore, chunks: dict[int, str | None], centroids: n
                                    "cache_dir": str(store.cache_dir) if store.cache_dir else None,
                                    "centroids_ref": [ref]})
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
+    progress = Progress(log, "level-1 assignment", len(chunk_indices), "chunks")
     with _storage_errors_in_one_line():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for index in np.unique(batch["chunk"]):
                 sel = batch["chunk"] == index
                 parts[int(index)].append((batch["position"][sel], batch["label"][sel], batch["distance"][sel]))
+            progress(len(parts))
     result = {}
     for index in chunk_indices:
         pos = np.concatenate([p[0] for p in parts.get(index, [])] or [np.zeros(0, np.int64)])

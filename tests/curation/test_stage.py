@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_curation import progress
 from data_curation.builtin import load_builtin
 from data_curation.decode import REJECT_REASONS
 from data_curation.hkmeans import fit_hierarchy
@@ -104,8 +105,13 @@ def _section(root: Path) -> CurateConfig:
 
 def test_stage_survives_every_bad_kind_and_writes_the_manifest(ray_session, mixed_pool, tmp_path, monkeypatch):
     monkeypatch.setattr(curate, "_MANIFEST_ROW_GROUP", 20)  # chunks of 16: row groups of 2 chunks, the last of 1
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # every step logs its progress lines
     ctx = _context(tmp_path, _section(mixed_pool), Recording)
     metrics = CurateStage().run(ctx)
+    assert [line.split(" in ")[0] for line in ctx.lines if line.startswith("level-1 assignment: ") and "/4" in line] == [
+        f"level-1 assignment: {n}/4 chunks" for n in (1, 2, 3)]
+    assert "hierarchical k-means: fitting levels k = [6, 2] on 48 of the 48 images left after dedup" in ctx.lines
+    assert any(line.startswith("k-means level 1/2 (k = 6, 48 points): first k-means done in ") for line in ctx.lines)
     manifest_file = pq.ParquetFile(tmp_path / "curate" / "manifest.parquet")
     assert manifest_file.num_row_groups == -(-int(metrics["inputs"]) // 32)
     manifest = manifest_file.read().to_pandas()
@@ -288,10 +294,12 @@ def test_seed_images_that_are_all_rejected_fail_in_one_line_and_the_pool_stays_e
     (tmp_path / "bad-seeds" / "a.png").write_bytes(b"")
     (tmp_path / "bad-seeds" / "b.png").write_bytes(b"not an image at all")
     section.retrieval.seeds = [str(tmp_path / "bad-seeds")]
+    failing = _context(tmp_path, section, Recording)
     with pytest.raises(ValueError) as caught:
-        CurateStage().run(_context(tmp_path, section))
+        CurateStage().run(failing)
     assert str(caught.value) == (f"curate.retrieval.seeds ['{tmp_path}/bad-seeds']: none of the 2 seed images could "
                                  f"be used; rejected: empty 1, not_an_image 1")
+    assert not [line for line in failing.lines if "after dedup" in line]  # known once the seeds are embedded
     for i in range(22):  # more than are named one by one, the last of them
         (tmp_path / "bad-seeds" / f"z{i:02d}.png").write_bytes(b"")
     (tmp_path / "bad-seeds" / "zz.png").write_bytes(encode(Image.fromarray(

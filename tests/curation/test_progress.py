@@ -1,0 +1,53 @@
+import re
+
+import numpy as np
+
+from data_curation import knn
+from data_curation import progress as progress_module
+from data_curation.dedup import deduplicate
+from data_curation.hkmeans import KMeansParams, LevelSpec, fit_hierarchy
+from data_curation.progress import Progress
+from data_curation.retrieval import retrieval_picks
+
+
+def test_a_line_at_most_every_interval_and_none_once_done():
+    lines: list[str] = []
+    every_call = Progress(lines.append, "near dedup", 4, "images searched", every_s=0.0)
+    for done in (1, 3, 4):
+        every_call(done)
+    assert len(lines) == 2 and re.fullmatch(r"near dedup: 1/4 images searched in \d+ s, about \d+ s left", lines[0])
+    assert lines[1].startswith("near dedup: 3/4 images searched in ")
+    quiet = Progress(lines.append, "near dedup", 4, "images searched", every_s=3600.0)
+    quiet(1)
+    Progress(None, "near dedup", 4, "images searched", every_s=0.0)(1)
+    assert len(lines) == 2
+
+
+def test_the_long_steps_log_progress(monkeypatch):
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every piece of work is "long"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    lines: list[str] = []
+    fit_hierarchy(x, KMeansParams(levels=(LevelSpec(40, 2), LevelSpec(4, 1)), seed=0), log=lines.append)
+    assert [line.split(" in ")[0] for line in lines] == [
+        "k-means level 1/2 (k = 40, 4,000 points): first k-means done",
+        "k-means level 1/2 (k = 40, 4,000 points): 1/2 resampling steps",  # none at 2/2: the level is done
+        "k-means level 1/2 (k = 40, 4,000 points): done",
+        "k-means level 2/2 (k = 4, 40 points): first k-means done",
+        "k-means level 2/2 (k = 4, 40 points): done"]
+    assert lines[0].endswith(", 2 resampling steps to go") and lines[3].endswith(", 1 resampling step to go")
+    lines.clear()  # a level too narrow to resample does not count steps it skips
+    fit_hierarchy(x[:60], KMeansParams(levels=(LevelSpec(40, 3),), seed=0), log=lines.append)
+    assert [line.split(" in ")[0] for line in lines] == ["k-means level 1/1 (k = 40, 60 points): first k-means done",
+                                                         "k-means level 1/1 (k = 40, 60 points): done"]
+    assert lines[0].endswith(", 0 resampling steps to go")
+    lines.clear()
+    monkeypatch.setattr(knn, "BLOCK_ROWS", 1000)  # 4,000 rows: four blocks of queries
+    deduplicate(np.arange(len(x)).astype(str), x, log=lines.append)
+    assert [line.split(" in ")[0] for line in lines] == [f"near dedup: {n:,}/4,000 distinct images searched"
+                                                         for n in (1000, 2000, 3000)]
+    lines.clear()
+    retrieval_picks(x, x, 2, log=lines.append)
+    assert [line.split(" in ")[0] for line in lines] == [f"retrieval: {n:,}/4,000 queries searched"
+                                                         for n in (1000, 2000, 3000)]
