@@ -19,7 +19,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -277,9 +277,15 @@ def _embedding_progress(ctx: StageContext, rows: dict[int, int], prefix: str = "
     return on_chunk
 
 
-def _by_reason(reasons: Iterable[str]) -> str:
-    """Reject reasons counted, as "empty 1, not_an_image 2"."""
-    return ", ".join(f"{reason} {count}" for reason, count in sorted(Counter(reasons).items()))
+@dataclasses.dataclass
+class _Seeds:
+    """The embedded retrieval seeds: their chunks, the images listed and used, and the rejected
+    ones counted by reason ("empty 1, not_an_image 2")."""
+
+    chunks: list[Chunk]
+    listed: int
+    used: int
+    rejected: str
 
 
 def _chunk_store(ctx: StageContext, name: str) -> ChunkStore:
@@ -370,7 +376,7 @@ class CurateStage(Stage):
         seed_store = _chunk_store(ctx, _SEED_EMBEDDINGS)
         _embed_listing(ctx, Storage.join(ctx.work_dir, _SEED_LISTING), seed_rows, seed_store, limits,
                        "retrieval seeds: ")
-        seeds = self._seed_chunks(cfg, ctx, seed_store, seed_rows)
+        seeds = self._seeds(cfg, ctx, seed_store, seed_rows)
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
         # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
@@ -433,8 +439,7 @@ class CurateStage(Stage):
             "selected": float((selected_by != None).sum()),  # noqa: E711
             "selected_balanced": float((selected_by == "balanced").sum()),
             "selected_retrieval": float((selected_by == "retrieval").sum()),
-            "retrieval_seeds": float(sum(seed_rows.values())),
-            "retrieval_seeds_used": float(sum(len(c.embedding) for c in seeds)),
+            "retrieval_seeds": float(seeds.listed), "retrieval_seeds_used": float(seeds.used),
             "balance_before": normalized_entropy(top, len(np.unique(top))),
             "balance_after": normalized_entropy(top[in_selection], len(np.unique(top))),
         }
@@ -535,21 +540,24 @@ class CurateStage(Stage):
         return rows
 
     @staticmethod
-    def _seed_chunks(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[int, int]) -> list[Chunk]:
-        """The embedded seed chunks, right after the seeds are embedded. Seeds are decoded with
-        the pool's limits: a rejected seed is logged with its reason, and none left is an error
-        at once (the pool's chunks stay; the seeds' listing and chunks go, so that the next
-        attempt reads the fixed seed sources anew)."""
-        seeds = [seed_store.read(i, ("uri", "reject_reason")) for i in sorted(seed_rows)]
+    def _seeds(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[int, int]) -> _Seeds:
+        """The embedded seeds, right after they are embedded. Seeds are decoded with the pool's
+        limits: a rejected seed is logged with its reason, and none left is an error at once (the
+        pool's chunks stay; the seeds' listing and chunks go, so that the next attempt reads the
+        fixed seed sources anew)."""
+        chunks = [seed_store.read(i, ("uri", "reject_reason")) for i in sorted(seed_rows)]
         turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
-        for chunk in seeds:
+        for chunk in chunks:
             bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))
             turned_away += zip(bad["uri"].to_pylist(), bad["reject_reason"].to_pylist(), strict=True)
-        if seeds and not any(len(c.embedding) for c in seeds):
+        seeds = _Seeds(chunks, sum(seed_rows.values()), sum(len(c.embedding) for c in chunks),
+                       ", ".join(f"{reason} {count}" for reason, count in
+                                 sorted(Counter(reason for _, reason in turned_away).items())))
+        if chunks and seeds.used == 0:
             seed_store.clear()
             ctx.storage.rm(Storage.join(ctx.work_dir, _SEED_LISTING), recursive=True)
-            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {sum(seed_rows.values())} "
-                             f"seed images could be used; rejected: {_by_reason(r for _, r in turned_away)}")
+            raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {seeds.listed} "
+                             f"seed images could be used; rejected: {seeds.rejected}")
         for uri, reason in turned_away[:_SEEDS_LOGGED]:
             ctx.log(f"retrieval seeds: {uri} rejected: {reason}")
         if len(turned_away) > _SEEDS_LOGGED:
@@ -557,16 +565,14 @@ class CurateStage(Stage):
         return seeds
 
     @staticmethod
-    def _retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seeds: list[Chunk]) -> np.ndarray:
+    def _retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seeds: _Seeds) -> np.ndarray:
         """Positions among kept rows of the k nearest pool images of each seed image used."""
-        if not seeds:
+        if not seeds.chunks:
             return np.zeros(0, dtype=np.int64)
-        used = sum(len(c.embedding) for c in seeds)
-        listed = sum(c.meta.num_rows for c in seeds)
-        rejected = _by_reason(r for c in seeds for r in c.meta["reject_reason"].drop_null().to_pylist())
         pool = RowSet([c.embedding for c in chunks]).subset(np.flatnonzero(kept))
-        picks = retrieval_picks(pool, RowSet([c.embedding for c in seeds]), cfg.retrieval.k, log=ctx.log)
-        ctx.log(f"retrieval: {used} of {listed} seed images used" + (f" ({rejected} rejected)" if rejected else "")
+        picks = retrieval_picks(pool, RowSet([c.embedding for c in seeds.chunks]), cfg.retrieval.k, log=ctx.log)
+        ctx.log(f"retrieval: {seeds.used} of {seeds.listed} seed images used"
+                + (f" ({seeds.rejected} rejected)" if seeds.rejected else "")
                 + f"; {len(picks)} pool images within the {cfg.retrieval.k} nearest of a seed")
         return picks
 
