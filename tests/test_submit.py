@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,8 +51,8 @@ def ray_head(tmp_path, monkeypatch):
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}",
-                             "--include-dashboard=true", *agent_ports], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--include-dashboard=true", *agent_ports], cwd=home, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180
     while True:
@@ -67,6 +68,7 @@ def ray_head(tmp_path, monkeypatch):
     yield address
     os.killpg(proc.pid, signal.SIGKILL)  # the whole head (GCS, raylet, dashboard, workers) is this group
     proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -91,10 +93,18 @@ def test_submit_follow_then_plain_ray_job_submit(tmp_path, ray_head):
     exp = client.get_experiment_by_name("cluster")
     parent = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parent) == 1 and parent[0].data.tags["vfm.ray_job_id"] == job_id
+    (evaluate,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "evaluate"]
 
-    plain = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head, "--", "vfm", "run", "-c",
-                            str(config), "--run-dir", str(run_dir), "--from", "evaluate"], cwd=tmp_path,
+    # A plain job gets the head's environment, not this client's: the store travels in its runtime env.
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}})
+    plain = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head, "--runtime-env-json",
+                            runtime_env, "--", "vfm", "run", "-c", str(config), "--run-dir", str(run_dir),
+                            "--from", "evaluate"], cwd=tmp_path,
                            env={**env, "PATH": f"{BIN}:{os.environ['PATH']}"}, capture_output=True, text=True,
                            timeout=900)
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
     assert "[evaluate] running" in plain.stdout + plain.stderr and "succeeded" in (plain.stdout + plain.stderr)
+    # The same run dir and config: the plain job reattached to the same runs, in the store its runtime env named.
+    (evaluate_again,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "evaluate"]
+    assert evaluate_again.info.run_id == evaluate.info.run_id
+    assert evaluate_again.info.end_time > evaluate.info.end_time
