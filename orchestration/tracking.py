@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,7 @@ class Tracking:
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise TrackingError(f"MLflow tracking server {self.uri} is unreachable: {reason}") from None
-        elif scheme == "sqlite":
-            db = Path(self.uri.split("sqlite:///", 1)[-1])
+        elif scheme == "sqlite" and (db := self._sqlite_file()) is not None:
             if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
                 raise TrackingError(f"MLflow store {self.uri}: folder {db.parent} does not exist or is not writable")
         elif scheme == "file":
@@ -114,10 +114,21 @@ class Tracking:
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
+
+    def _artifact_location(self, name: str) -> str | None:
+        """Where a new experiment's artifacts go: beside a sqlite store's file, in mlruns/NAME
+        (MLflow would put them in ./mlruns of the process that first made the experiment, which
+        for a Ray job is a temporary working dir, deleted with it); a server's own choice else."""
+        db = self._sqlite_file()
+        return None if db is None else (db.parent.resolve() / "mlruns" / urllib.parse.quote(name, safe="")).as_uri()
+
+    def _sqlite_file(self) -> Path | None:
+        """The database file of a sqlite store (relative: to the working directory)."""
+        return Path(self.uri.split("sqlite:///", 1)[1]) if self.uri.startswith("sqlite:///") else None
 
     def _alive(self, run_id: str | None) -> bool:
         if not run_id:
