@@ -1,7 +1,8 @@
-"""Progress lines for the long steps of curation (near dedup, k-means, level-1 assignment).
+"""Progress lines for curation's long steps (listing, embedding, near dedup, k-means,
+level-1 assignment).
 
 A step that takes hours at web scale and a second on the demo pool should say where it
-stands in the first case and nothing in the second: :class:`Progress` logs a line at most
+stands in the first case and nothing in the second: :class:`Progress` gives a line at most
 every ``every_s`` seconds, each with what is done, the rate and the time left, so work
 that is over sooner logs none.
 """
@@ -19,19 +20,41 @@ def is_long(seconds: float) -> bool:
 
 
 class Progress:
-    """``progress(done)`` after each piece of work: ``done`` of ``total`` ``unit`` so far."""
+    """``progress(done)`` after each piece of work: ``done`` of ``total`` ``unit`` so far.
 
-    def __init__(self, log: Callable[[str], None] | None, what: str, total: int, unit: str,
-                 every_s: float | None = None):
-        self.log, self.what, self.total, self.unit = log, what, total, unit
+    Steps whose lines say more than that (listing, which has no total; embedding, which also
+    counts chunks) ask :meth:`due` whether a line is due and word it themselves, with
+    :meth:`rate` and :meth:`left`. ``done`` counts from ``start_at`` (work an earlier attempt
+    did), so the rate is of this attempt's work."""
+
+    def __init__(self, log: Callable[[str], None] | None, what: str, total: int | None, unit: str,
+                 every_s: float | None = None, start_at: int = 0):
+        self.log, self.what, self.total, self.unit, self.start_at = log, what, total, unit, start_at
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.start = self.last = time.monotonic()
 
-    def __call__(self, done: int) -> None:
+    def due(self, always: bool = False) -> bool:
+        """Whether to log a line now: one every ``every_s`` at most, or ``always`` (the first or
+        last piece of a step that says so); a True answer counts as the line given."""
         now = time.monotonic()
-        if self.log is None or now - self.last < self.every_s or done >= self.total:
-            return
+        if self.log is None or not (always or now - self.last >= self.every_s):
+            return False
         self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = f"about {(self.total - done) / rate:,.0f} s left" if rate > 0 else "time left unknown"
-        self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} in {now - self.start:,.0f} s, {left}")
+        return True
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def rate(self, done: int) -> float:
+        """``unit`` per second so far."""
+        return (done - self.start_at) / max(self.seconds(), 1e-9)
+
+    def left(self, done: int) -> str:
+        """The time left at the rate so far, in words."""
+        rate = self.rate(done)
+        return f"about {(self.total - done) / rate:,.0f} s left" if rate > 0 else "time left unknown"
+
+    def __call__(self, done: int) -> None:
+        if done >= self.total or not self.due():
+            return
+        self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} in {self.seconds():,.0f} s, {self.left(done)}")

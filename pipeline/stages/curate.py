@@ -17,7 +17,6 @@ import io
 import json
 import os
 import posixpath
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +43,7 @@ from data_curation.hkmeans import (
 from data_curation.knn import RowSet, faiss_has_gpu_support
 from data_curation.manifest import build_manifest, normalized_entropy
 from data_curation.plots import plot_class_histogram, plot_cluster_sizes
-from data_curation.progress import is_long
+from data_curation.progress import Progress
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
 from data_curation.scan import prepared_shape
@@ -157,11 +156,9 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
     problems = cursor.problems.copy()
     batch: list[Listed] = []
-    start = last_log = time.monotonic()
-    listed_before = sum(rows.values())
+    progress = Progress(log, "listing", None, "images", every_s=log_every_s, start_at=sum(rows.values()))
 
     def flush() -> None:
-        nonlocal last_log
         index = len(rows)
         table = pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
                           "row": pa.array(np.arange(len(batch)), pa.int64()),
@@ -177,11 +174,9 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
         pq.write_table(table.replace_schema_metadata({_LISTING_CURSOR: json.dumps(where)}), buf)
         storage.write_bytes(_listing_chunk(root, index), buf.getvalue())
         batch.clear()
-        if (now := time.monotonic()) - last_log >= log_every_s:
-            last_log = now
+        if progress.due():
             images = sum(rows.values())
-            log(f"listing: {images} images in {len(rows)} chunks so far, "
-                f"{(images - listed_before) / (now - start):.0f} images/s")
+            log(f"listing: {images} images in {len(rows)} chunks so far, {progress.rate(images):.0f} images/s")
 
     for item in iter_listed(sources, storage, sniff=sniff, uri_column=uri_column, problems=problems,
                             cursor=cursor):
@@ -261,19 +256,15 @@ def _embedding_progress(ctx: StageContext, rows: dict[int, int], prefix: str = "
     """A progress line for the first and the last finished chunk and for one in between at most
     every :data:`~data_curation.progress.PROGRESS_EVERY_S` (a fast cluster finishes many chunks
     a second): chunks and images done, rate, time left."""
-    start, total, done = time.monotonic(), sum(rows.values()), []
-    last_line = [start]
+    progress = Progress(ctx.log, f"{prefix}embedding", sum(rows.values()), "images")
+    done: list[int] = []
 
     def on_chunk(index: int) -> None:
         done.append(rows[index])
-        now = time.monotonic()
-        if 1 < len(done) < len(rows) and not is_long(now - last_line[0]):
-            return
-        last_line[0] = now
-        images = sum(done)
-        rate = images / max(now - start, 1e-6)
-        ctx.log(f"{prefix}embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{total} images, "
-                f"{rate:.0f} images/s, about {(total - images) / max(rate, 1e-6):.0f} s left")
+        if progress.due(always=len(done) in (1, len(rows))):
+            images = sum(done)
+            ctx.log(f"{prefix}embedded chunk {index}: {len(done)}/{len(rows)} chunks, {images}/{progress.total} "
+                    f"images, {progress.rate(images):.0f} images/s, {progress.left(images)}")
     return on_chunk
 
 

@@ -1,6 +1,8 @@
 import re
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from data_curation import knn
 from data_curation import progress as progress_module
@@ -8,6 +10,7 @@ from data_curation.dedup import deduplicate
 from data_curation.hkmeans import KMeansParams, LevelSpec, fit_hierarchy
 from data_curation.progress import Progress
 from data_curation.retrieval import retrieval_picks
+from pipeline.stages.curate import _embedding_progress
 
 
 def test_a_line_at_most_every_interval_and_none_once_done():
@@ -51,3 +54,15 @@ def test_the_long_steps_log_progress(monkeypatch):
     retrieval_picks(x, x, 2, log=lines.append)
     assert [line.split(" in ")[0] for line in lines] == [f"retrieval: {n:,}/4,000 queries searched"
                                                          for n in (1000, 2000, 3000)]
+
+
+@pytest.mark.parametrize("every_s, shown", [(3600.0, [0, 3]), (0.0, [0, 1, 2, 3])])
+def test_embedding_logs_its_first_and_last_chunk_and_at_most_a_line_an_interval_between(monkeypatch, every_s, shown):
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", every_s)
+    lines: list[str] = []
+    on_chunk = _embedding_progress(SimpleNamespace(log=lines.append), {7: 16, 8: 16, 9: 16, 10: 4}, "seeds: ")
+    for index in (7, 8, 9, 10):
+        on_chunk(index)
+    assert [int(re.search(r"(\d+)/4 chunks", line)[1]) - 1 for line in lines] == shown
+    assert re.fullmatch(r"seeds: embedded chunk 7: 1/4 chunks, 16/52 images, \d+ images/s, about [\d,]+ s left", lines[0])
+    assert lines[-1].startswith("seeds: embedded chunk 10: 4/4 chunks, 52/52 images, ")
