@@ -154,6 +154,23 @@ def _lloyd(x: np.ndarray, centroids: np.ndarray, iterations: int, seed: int) -> 
     return np.asarray(km.centroids, dtype=np.float32).copy()
 
 
+def _first_kmeans(x: np.ndarray, centroids: np.ndarray, iterations: int, seed: int,
+                  log: Callable[[str], None] | None, what: str) -> np.ndarray:
+    """A level's first ``iterations`` Lloyd passes. When the first pass shows that all of them
+    will be long, the others run one at a time, with a progress line at most every interval
+    (hours at the vit7b preset's level 1). One at a time or all in one faiss call, the
+    centroids are the same: each call starts from the centroids it is given."""
+    progress = Progress(log, f"{what}: first k-means", iterations, "Lloyd iterations")
+    first = time.monotonic()
+    centroids = _lloyd(x, centroids, min(1, iterations), seed)
+    if log is None or not is_long((time.monotonic() - first) * iterations):
+        return _lloyd(x, centroids, iterations - 1, seed)
+    for done in range(1, iterations):
+        progress(done)
+        centroids = _lloyd(x, centroids, 1, seed)
+    return centroids
+
+
 def closest_per_cluster(labels: np.ndarray, dist: np.ndarray, per_cluster: int) -> np.ndarray:
     """Indices of the ``per_cluster`` rows nearest to their centroid in each cluster."""
     order = np.lexsort((dist, labels))  # by cluster, then by distance
@@ -173,12 +190,13 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
               log: Callable[[str], None] | None = None, what: str = "k-means") -> tuple[np.ndarray, int]:
     """The (k, D) centroids of one level trained on ``x`` (N, D), and the resampling steps run.
     ``log`` gets progress lines on a long fit, each starting with ``what``: the first k-means
-    (seeding and ``iterations`` Lloyd passes) when it was long, then the resampling steps, which
-    cost about the same each (:class:`~data_curation.progress.Progress`)."""
+    (seeding and ``iterations`` Lloyd passes): its passes as they go and a line when it is done,
+    when it is long; then the resampling steps, which cost about the same each
+    (:class:`~data_curation.progress.Progress`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(spec.k, len(x))
     start = time.monotonic()
-    centroids = _lloyd(x, _seed(x, k, params, rng), params.iterations, int(rng.integers(2**31)))
+    centroids = _first_kmeans(x, _seed(x, k, params, rng), params.iterations, int(rng.integers(2**31)), log, what)
     per_cluster = resampling_sample_size(len(x), k)
     steps = spec.resampling_steps if per_cluster >= MIN_RESAMPLE_SIZE else 0
     progress = Progress(log, what, steps, "resampling steps")

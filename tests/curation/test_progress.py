@@ -32,16 +32,25 @@ def test_the_long_steps_log_progress(monkeypatch):
     x = rng.normal(size=(4000, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     lines: list[str] = []
-    fit_hierarchy(x, KMeansParams(levels=(LevelSpec(40, 2), LevelSpec(4, 1)), seed=0), log=lines.append)
+    params = KMeansParams(levels=(LevelSpec(40, 2), LevelSpec(4, 1)), iterations=3, seed=0)
+    logged = fit_hierarchy(x, params, log=lines.append)
     assert [line.split(" in ")[0] for line in lines] == [
+        "k-means level 1/2 (k = 40, 4,000 points): first k-means: 1/3 Lloyd iterations",  # none at 3/3: done
+        "k-means level 1/2 (k = 40, 4,000 points): first k-means: 2/3 Lloyd iterations",
         "k-means level 1/2 (k = 40, 4,000 points): first k-means done",
-        "k-means level 1/2 (k = 40, 4,000 points): 1/2 resampling steps",  # none at 2/2: the level is done
+        "k-means level 1/2 (k = 40, 4,000 points): 1/2 resampling steps",
         "k-means level 1/2 (k = 40, 4,000 points): done",
+        "k-means level 2/2 (k = 4, 40 points): first k-means: 1/3 Lloyd iterations",
+        "k-means level 2/2 (k = 4, 40 points): first k-means: 2/3 Lloyd iterations",
         "k-means level 2/2 (k = 4, 40 points): first k-means done",
         "k-means level 2/2 (k = 4, 40 points): done"]
-    assert lines[0].endswith(", 2 resampling steps to go") and lines[3].endswith(", 1 resampling step to go")
+    assert lines[2].endswith(", 2 resampling steps to go") and lines[7].endswith(", 1 resampling step to go")
+    # Lloyd passes one at a time (a long first k-means) give the centroids of one faiss call.
+    quiet = fit_hierarchy(x, params)
+    for one_at_a_time, at_once in zip(logged.centroids, quiet.centroids, strict=True):
+        np.testing.assert_array_equal(one_at_a_time, at_once)
     lines.clear()  # a level too narrow to resample does not count steps it skips
-    fit_hierarchy(x[:60], KMeansParams(levels=(LevelSpec(40, 3),), seed=0), log=lines.append)
+    fit_hierarchy(x[:60], KMeansParams(levels=(LevelSpec(40, 3),), iterations=1, seed=0), log=lines.append)
     assert [line.split(" in ")[0] for line in lines] == ["k-means level 1/1 (k = 40, 60 points): first k-means done",
                                                          "k-means level 1/1 (k = 40, 60 points): done"]
     assert lines[0].endswith(", 0 resampling steps to go")
