@@ -22,8 +22,9 @@ import re
 import shutil
 import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from data_curation.storage import Storage
 
 _CHUNK_RE = re.compile(r"chunk-(\d{6,})\.parquet$")  # past 999999 the name grows
 _GENERATION_KEY = b"vfm.generation"  # a chunk's Parquet metadata: which write of the chunk it is
+READ_AHEAD = 16  # chunks read at once from a remote store
 
 
 def chunk_name(index: int) -> str:
@@ -242,6 +244,32 @@ class ChunkStore:
         """Chunk ``index``'s ``kind`` vectors ("embedding" or "copy"), memory-mapped; ``generation``:
         the chunk's (:attr:`Chunk.generation`), which saves asking a remote store for it."""
         return _mapped(self._vector_file(index, kind, generation))
+
+    def read_each(self, indices: Iterable[int], columns: Sequence[str] | None = None) -> Iterator[Chunk]:
+        """:meth:`read` of each of ``indices``, in order (see :meth:`_ahead`)."""
+        return self._ahead(lambda index: self.read(index, columns), indices)
+
+    def read_meta_each(self, indices: Iterable[int], columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """:meth:`read_meta` of each of ``indices``, in order (see :meth:`_ahead`)."""
+        return self._ahead(lambda index: self.read_meta(index, columns), indices)
+
+    def _ahead(self, read: Callable[[int], object], indices: Iterable[int]) -> Iterator:
+        """``read(index)`` for each index, in order. From a remote store up to :data:`READ_AHEAD`
+        chunks are read at once: each read is one to three requests, and one chunk after another
+        their round trips add up to minutes over thousands of chunks. A read that fails raises
+        in its turn."""
+        indices = list(indices)
+        if not Storage.is_remote(self.root) or len(indices) < 2:
+            yield from map(read, indices)
+            return
+        with ThreadPoolExecutor(min(READ_AHEAD, len(indices)), thread_name_prefix="chunk-read") as pool:
+            pending = deque()
+            for index in indices:
+                pending.append(pool.submit(read, index))
+                if len(pending) == READ_AHEAD:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
         """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`), its vectors (mapped

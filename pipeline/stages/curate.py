@@ -231,8 +231,7 @@ def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.
     if not indices:
         return [], np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
     chunks, accepted, digests = [], [], []
-    for index in indices:
-        chunk = store.read(index, ("reject_reason", "sha256"))
+    for chunk in store.read_each(indices, ("reject_reason", "sha256")):
         reasons = chunk.meta.column("reject_reason")
         ok = pc.is_null(reasons).to_numpy()
         accepted.append(ok)
@@ -473,8 +472,7 @@ class CurateStage(Stage):
         start = 0
         with contextlib.ExitStack() as stack:
             writer = None
-            for number, chunk in enumerate(chunks, start=1):
-                meta = store.read_meta(chunk.index)
+            for number, meta in enumerate(store.read_meta_each(c.index for c in chunks), start=1):
                 rows = slice(start, start + meta.num_rows)
                 start = rows.stop
                 pending.append(build_manifest(meta, dup_group[rows], dup_kept[rows], dup_kind[rows],
@@ -536,7 +534,7 @@ class CurateStage(Stage):
         limits: a rejected seed is logged with its reason, and none left is an error at once (the
         pool's chunks stay; the seeds' listing and chunks go, so that the next attempt reads the
         fixed seed sources anew)."""
-        chunks = [seed_store.read(i, ("uri", "reject_reason")) for i in sorted(seed_rows)]
+        chunks = list(seed_store.read_each(sorted(seed_rows), ("uri", "reject_reason")))
         turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
         for chunk in chunks:
             bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))

@@ -1,6 +1,7 @@
 import hashlib
 import io
 import os
+import threading
 from collections import OrderedDict
 
 import faiss
@@ -347,3 +348,29 @@ def test_a_large_pool_of_mostly_nan_rows_is_indexed_with_fewer_lists(monkeypatch
     assert np.flatnonzero(~result.kept).tolist() == [20]
     with pytest.raises(ValueError, match="none of the vectors sampled from the 400 to index is finite"):
         knn.build_ip_index(np.full((400, 16), np.nan, dtype=np.float32))
+
+
+def test_remote_chunks_are_read_several_at_once_in_order_and_a_failed_read_raises_in_turn(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding_store, "READ_AHEAD", 4)
+    store = ChunkStore(s3.uri("embeddings"), s3.storage, tmp_path / "cache")
+    for index in range(10):
+        store.write(index, _chunk_rows(float(index), index + 1))
+    threads: set[str] = set()
+    read = store.read
+
+    def recording(index, columns=None):
+        threads.add(threading.current_thread().name)
+        return read(index, columns)
+
+    monkeypatch.setattr(store, "read", recording)
+    chunks = list(store.read_each(range(10), ("uri",)))
+    assert [c.index for c in chunks] == list(range(10))
+    assert [c.embedding[0, 0] for c in chunks] == list(range(10)) and [c.meta.num_rows for c in chunks] == list(range(1, 11))
+    assert len(threads) > 1 and all(name.startswith("chunk-read") for name in threads)
+    assert [t.num_rows for t in store.read_meta_each(range(10), ())] == list(range(1, 11))
+    s3.storage.rm(s3.uri("embeddings/chunk-000006.parquet"))
+    got = []
+    with pytest.raises(FileNotFoundError):
+        for chunk in store.read_each(range(10)):
+            got.append(chunk.index)
+    assert got == [0, 1, 2, 3, 4, 5]
