@@ -30,4 +30,4 @@ lint: install-dev
 	$(VENV)/bin/ruff check pipeline data_curation models orchestration tests bench
 
 clean:
-	rm -rf $(VENV) .cache runs mlflow.db
+	rm -rf $(VENV) .cache runs mlflow.db mlruns

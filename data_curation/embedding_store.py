@@ -36,7 +36,7 @@ from data_curation.storage import Storage
 
 _CHUNK_RE = re.compile(r"chunk-(\d{6,})\.parquet$")  # past 999999 the name grows
 _GENERATION_KEY = b"vfm.generation"  # a chunk's Parquet metadata: which write of the chunk it is
-READ_AHEAD = 16  # chunks read at once from a remote store
+READ_AHEAD = 16  # chunks read at once from a remote store (s3fs sends at most 10 requests at once: its pool)
 
 
 def chunk_name(index: int) -> str:
@@ -255,9 +255,9 @@ class ChunkStore:
 
     def _ahead(self, read: Callable[[int], object], indices: Iterable[int]) -> Iterator:
         """``read(index)`` for each index, in order. From a remote store up to :data:`READ_AHEAD`
-        chunks are read at once: each read is one to three requests, and one chunk after another
-        their round trips add up to minutes over thousands of chunks. A read that fails raises
-        in its turn."""
+        chunks are read at once: each read is one to three requests (four for a chunk written
+        before generations were kept), and one chunk after another their round trips add up to
+        minutes over thousands of chunks. A read that fails raises in its turn."""
         indices = list(indices)
         if not Storage.is_remote(self.root) or len(indices) < 2:
             yield from map(read, indices)

@@ -1,10 +1,11 @@
 """Progress lines for curation's long steps (listing, embedding, near dedup, k-means,
-level-1 assignment).
+level-1 assignment, retrieval).
 
 A step that takes hours at web scale and a second on the demo pool should say where it
 stands in the first case and nothing in the second: :class:`Progress` gives a line at most
 every ``every_s`` seconds, each with what is done, the rate and the time left, so work
-that is over sooner logs none.
+that is over sooner logs none (embedding also logs its first and last chunk, through
+:meth:`Progress.due`).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ class Progress:
 
     Steps whose lines say more than that (listing, which has no total; embedding, which also
     counts chunks) ask :meth:`due` whether a line is due and word it themselves, with
-    :meth:`rate` and :meth:`left`. ``done`` counts from ``start_at`` (work an earlier attempt
-    did), so the rate is of this attempt's work."""
+    :meth:`rate` and :meth:`left` (which needs a total). ``done`` counts from ``start_at``
+    (work an earlier attempt did), so the rate is of this attempt's work."""
 
     def __init__(self, log: Callable[[str], None] | None, what: str, total: int | None, unit: str,
                  every_s: float | None = None, start_at: int = 0):
@@ -52,9 +53,12 @@ class Progress:
     def left(self, done: int) -> str:
         """The time left at the rate so far, in words."""
         rate = self.rate(done)
-        return f"about {(self.total - done) / rate:,.0f} s left" if rate > 0 else "time left unknown"
+        if self.total is None or rate <= 0:
+            return "time left unknown"
+        return f"about {(self.total - done) / rate:,.0f} s left"
 
     def __call__(self, done: int) -> None:
-        if done >= self.total or not self.due():
+        if (self.total is not None and done >= self.total) or not self.due():
             return
-        self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} in {self.seconds():,.0f} s, {self.left(done)}")
+        of = "" if self.total is None else f"/{self.total:,}"
+        self.log(f"{self.what}: {done:,}{of} {self.unit} in {self.seconds():,.0f} s, {self.left(done)}")

@@ -120,11 +120,17 @@ class Tracking:
         return exp.experiment_id
 
     def _artifact_location(self, name: str) -> str | None:
-        """Where a new experiment's artifacts go: beside a sqlite store's file, in mlruns/NAME
-        (MLflow would put them in ./mlruns of the process that first made the experiment, which
-        for a Ray job is a temporary working dir, deleted with it); a server's own choice else."""
+        """Where a new experiment's artifacts go: beside a sqlite store's file, in mlruns/NAME,
+        the name percent-encoded (MLflow would put them in ./mlruns of the process that first made
+        the experiment, which for a Ray job is a temporary working dir, deleted with it); a
+        server's own choice else. The folder's path is not resolved through symlinks: another
+        node may reach the store by the same link only."""
         db = self._sqlite_file()
-        return None if db is None else (db.parent.resolve() / "mlruns" / urllib.parse.quote(name, safe="")).as_uri()
+        if db is None:
+            return None
+        folder = urllib.parse.quote(name, safe="")
+        folder = "%2E" + folder[1:] if folder.startswith(".") else folder  # "." and ".." are not folders of their own
+        return (Path(os.path.abspath(db.parent)) / "mlruns" / folder).as_uri()
 
     def _sqlite_file(self) -> Path | None:
         """The database file of a sqlite store (relative: to the working directory)."""

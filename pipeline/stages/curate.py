@@ -135,14 +135,15 @@ def demo_pool_dir(ctx: StageContext) -> Path:
 
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
                   uri_column: str, log: Callable[[str], None] = lambda line: None,
-                  log_every_s: float = 10.0) -> tuple[dict[int, int], ListingProblems]:
+                  log_every_s: float | None = None) -> tuple[dict[int, int], ListingProblems]:
     """Stream the sources into listing chunks (Parquet: chunk, row, uri, and span_start and
     span_end, a tar member's byte span in its tar, -1 for none) under ``root``;
     reuses a finished listing that found images. Returns rows per chunk and what listing skipped.
 
     Each chunk carries in its Parquet metadata where the listing stood after its last row, so
     a listing stopped part way picks up after its last whole chunk. ``log`` gets a progress
-    line at most every ``log_every_s`` seconds while listing."""
+    line at most every ``log_every_s`` seconds (default
+    :data:`~data_curation.progress.PROGRESS_EVERY_S`) while listing."""
     done_uri = Storage.join(root, _LISTING_DONE)
     done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
     if done.get("rows"):

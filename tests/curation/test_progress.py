@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from data_curation import knn
+from data_curation import hkmeans, knn
 from data_curation import progress as progress_module
 from data_curation.dedup import deduplicate
 from data_curation.hkmeans import KMeansParams, LevelSpec, fit_hierarchy
@@ -45,10 +45,15 @@ def test_the_long_steps_log_progress(monkeypatch):
         "k-means level 2/2 (k = 4, 40 points): first k-means done",
         "k-means level 2/2 (k = 4, 40 points): done"]
     assert lines[2].endswith(", 2 resampling steps to go") and lines[7].endswith(", 1 resampling step to go")
-    # Lloyd passes one at a time (a long first k-means) give the centroids of one faiss call.
+    # Lloyd passes one at a time (a long first k-means) give the centroids of one faiss call, also
+    # where faiss splits empty clusters (many repeated points, and centroids far from them all).
     quiet = fit_hierarchy(x, params)
     for one_at_a_time, at_once in zip(logged.centroids, quiet.centroids, strict=True):
         np.testing.assert_array_equal(one_at_a_time, at_once)
+    repeated = np.repeat(x[:30], 20, axis=0)
+    far = np.concatenate([repeated[:20], 5.0 + rng.normal(size=(20, 8)).astype(np.float32)])
+    np.testing.assert_array_equal(hkmeans._first_kmeans(repeated, far, 6, 7, lines.append, "split"),
+                                  hkmeans._lloyd(repeated, far, 6, 7))
     lines.clear()  # a level too narrow to resample does not count steps it skips
     fit_hierarchy(x[:60], KMeansParams(levels=(LevelSpec(40, 3),), iterations=1, seed=0), log=lines.append)
     assert [line.split(" in ")[0] for line in lines] == ["k-means level 1/1 (k = 40, 60 points): first k-means done",

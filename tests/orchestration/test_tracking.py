@@ -22,3 +22,5 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_its_file(tmp_path, monkeypatc
     assert [p.relative_to(store).parts[:2] for p in store.rglob("plot.png")] == [("mlruns", "a%20name%2Fwith%20a%20slash")]
     assert list(elsewhere.iterdir()) == []
     assert [a.path for a in tracking.client.list_artifacts(run_id, "plots")] == ["plots/plot.png"]
+    up = tracking.client.get_experiment(tracking.experiment("..")).artifact_location
+    assert up == (store / "mlruns" / "%2E.").as_uri()  # a folder of its own, not the store's folder
