@@ -100,7 +100,8 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return labels, dist
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator,
+                     log: Callable[[str], None] | None = None, what: str = "k-means") -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii 2007), drawn in rounds.
 
     Each next centre is a row drawn with probability proportional to its squared distance
@@ -112,6 +113,8 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     ``_ROUND_GROWTH`` centres already chosen, at least one, so the first rounds are plain
     k-means++; k = 200,000 takes about 100 rounds. bench/kmeans_seeding.py measures it
     against one centre per pass: the time, and the inertia after seeding and after Lloyd.
+    A round costs in proportion to the centres it draws, so ``log`` gets a line at most every
+    interval with the centres drawn and the time left (:class:`~data_curation.progress.Progress`).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
@@ -129,7 +132,9 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
     nearest = sq_distances(centres[:1])
     chosen = 1
+    progress = Progress(log, f"{what}: k-means++ seeding", k, "centres")
     while chosen < k:
+        progress(chosen)
         want = min(k - chosen, max(1, chosen // _ROUND_GROWTH))
         cumulative = np.cumsum(nearest)
         total = float(cumulative[-1])
@@ -190,13 +195,14 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
               log: Callable[[str], None] | None = None, what: str = "k-means") -> tuple[np.ndarray, int]:
     """The (k, D) centroids of one level trained on ``x`` (N, D), and the resampling steps run.
     ``log`` gets progress lines on a long fit, each starting with ``what``: the first k-means
-    (seeding and ``iterations`` Lloyd passes): its passes as they go and a line when it is done,
-    when it is long; then the resampling steps, which cost about the same each
+    (seeding and ``iterations`` Lloyd passes): its seeding and passes as they go and a line when
+    it is done, when it is long; then the resampling steps, which cost about the same each
     (:class:`~data_curation.progress.Progress`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(spec.k, len(x))
     start = time.monotonic()
-    centroids = _first_kmeans(x, _seed(x, k, params, rng), params.iterations, int(rng.integers(2**31)), log, what)
+    seeds = _seed(x, k, params, rng, log, what)
+    centroids = _first_kmeans(x, seeds, params.iterations, int(rng.integers(2**31)), log, what)
     per_cluster = resampling_sample_size(len(x), k)
     steps = spec.resampling_steps if per_cluster >= MIN_RESAMPLE_SIZE else 0
     progress = Progress(log, what, steps, "resampling steps")
@@ -212,10 +218,11 @@ def fit_level(x: np.ndarray, spec: LevelSpec, params: KMeansParams, rng: np.rand
     return centroids, steps
 
 
-def _seed(x: np.ndarray, k: int, params: KMeansParams, rng: np.random.Generator) -> np.ndarray:
+def _seed(x: np.ndarray, k: int, params: KMeansParams, rng: np.random.Generator,
+          log: Callable[[str], None] | None = None, what: str = "k-means") -> np.ndarray:
     """k-means++ seeds drawn from a random subset of ``init_points_per_centroid`` x k rows."""
     rows = rng.choice(len(x), size=min(len(x), params.init_points_per_centroid * k), replace=False)
-    return kmeans_plus_plus(x[np.sort(rows)], k, rng)
+    return kmeans_plus_plus(x[np.sort(rows)], k, rng, log, what)
 
 
 def training_rows(n: int, params: KMeansParams) -> np.ndarray:

@@ -34,6 +34,12 @@ def test_the_long_steps_log_progress(monkeypatch):
     lines: list[str] = []
     params = KMeansParams(levels=(LevelSpec(40, 2), LevelSpec(4, 1)), iterations=3, seed=0)
     logged = fit_hierarchy(x, params, log=lines.append)
+    seeding = [line.split(" in ")[0] for line in lines if "k-means++ seeding" in line]  # a line a round
+    for level, k in ((1, 40), (2, 4)):
+        drawn = [int(line.split(": ")[-1].split("/")[0]) for line in seeding if line.startswith(f"k-means level {level}/2")]
+        assert drawn[0] == 1 and drawn == sorted(set(drawn)) and drawn[-1] < k
+    assert seeding[0] == "k-means level 1/2 (k = 40, 4,000 points): k-means++ seeding: 1/40 centres"
+    lines = [line for line in lines if "k-means++ seeding" not in line]
     assert [line.split(" in ")[0] for line in lines] == [
         "k-means level 1/2 (k = 40, 4,000 points): first k-means: 1/3 Lloyd iterations",  # none at 3/3: done
         "k-means level 1/2 (k = 40, 4,000 points): first k-means: 2/3 Lloyd iterations",
@@ -56,6 +62,7 @@ def test_the_long_steps_log_progress(monkeypatch):
                                   hkmeans._lloyd(repeated, far, 6, 7))
     lines.clear()  # a level too narrow to resample does not count steps it skips
     fit_hierarchy(x[:60], KMeansParams(levels=(LevelSpec(40, 3),), iterations=1, seed=0), log=lines.append)
+    lines = [line for line in lines if "k-means++ seeding" not in line]
     assert [line.split(" in ")[0] for line in lines] == ["k-means level 1/1 (k = 40, 60 points): first k-means done",
                                                          "k-means level 1/1 (k = 40, 60 points): done"]
     assert lines[0].endswith(", 0 resampling steps to go")
