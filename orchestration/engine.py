@@ -27,7 +27,7 @@ from orchestration.ray_runtime import check_resources, error_line, start_ray, st
 from orchestration.rundir import RunDir, StageStatus, clear_folder
 from orchestration.runlock import STALE_S, RunLock, describe, live_holder
 from orchestration.stage import Stage, StageContext
-from orchestration.tracking import Tracking, git_sha, ray_job_id, resolve_tracking_uri
+from orchestration.tracking import Tracking, default_store_warning, git_sha, ray_job_id, resolve_tracking_uri
 
 CONFIG_FILE = "config.yaml"
 
@@ -148,6 +148,8 @@ class Engine:
     def run(self, *, only: str | None = None, start: str | None = None, force: bool = False) -> RunResult:
         self._check_folder()
         self.tracking.check()
+        if warning := default_store_warning(self.config.mlflow.tracking_uri):
+            self.log(warning)
         selected = self._select(only, start)
         lock = RunLock(self.storage, self.rundir.uri, self.log)
         if (held := lock.acquire()) is not None:

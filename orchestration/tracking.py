@@ -46,6 +46,17 @@ def ray_job_id() -> str | None:
     return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("VFM_RAY_JOB_ID")
 
 
+def default_store_warning(configured: str | None) -> str | None:
+    """A warning line for a Ray job that names no MLflow store (neither MLFLOW_TRACKING_URI nor
+    ``configured``): its default, a sqlite file in the job's working directory, is vfm submit's
+    staged config folder, deleted with the job, or wherever the Ray head runs; None otherwise."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or configured or not ray_job_id():
+        return None
+    return (f"warning: this Ray job names no MLflow store, so it records to {resolve_tracking_uri(None)} in its "
+            f"working directory, which Ray may delete with the job; set MLFLOW_TRACKING_URI (vfm submit passes on "
+            f"the submitting shell's) or mlflow.tracking_uri")
+
+
 class StageTracker:
     """The Tracker a stage sees (orchestration.stage.Tracker), bound to its nested run."""
 

@@ -366,3 +366,20 @@ def test_sigkill_mid_stage_then_resume_reattaches_mlflow_runs(tmp_path, mlflow_u
     runs = mlflow_runs(mlflow_uri)
     assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
     assert sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags) == ["a", "b", "c"]
+
+
+def test_a_ray_job_that_names_no_mlflow_store_is_warned(tmp_path, mlflow_uri, ray_session, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")
+    monkeypatch.chdir(tmp_path)  # the job's working directory, where the default store goes
+    lines: list[str] = []
+    make_engine(cfg(None), str(tmp_path / "run"), log=lines.append).run(only="a")
+    assert [line for line in lines if line.startswith("warning: ")] == [
+        f"warning: this Ray job names no MLflow store, so it records to sqlite:///{tmp_path / 'mlflow.db'} in its "
+        f"working directory, which Ray may delete with the job; set MLFLOW_TRACKING_URI (vfm submit passes on the "
+        f"submitting shell's) or mlflow.tracking_uri"]
+    named: list[str] = []
+    make_engine(cfg(mlflow_uri), str(tmp_path / "named"), log=named.append).run(only="a")
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID")
+    make_engine(cfg(None), str(tmp_path / "local"), log=named.append).run(only="a")  # not a Ray job: no warning
+    assert not [line for line in named if line.startswith("warning: ")]
