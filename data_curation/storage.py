@@ -183,12 +183,18 @@ class Storage:
         return int(self._guard(uri, "stat", fs.size, path))
 
     def version(self, uri: str) -> str:
-        """A short tag that changes when the object ``uri`` is written again: from its ETag on S3,
-        else its modification or creation time, with its size."""
-        fs, path = self.fs(uri)
-        info = self._guard(uri, "stat", fs.info, path)
-        stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), "")
-        return hashlib.sha256(f"{stamp}:{info.get('size')}".encode()).hexdigest()[:16]
+        """A short tag that changes when the object ``uri`` is written again: from its size and its
+        ETag on S3, its modification time in nanoseconds locally, elsewhere its modification or
+        creation time. Raises FileNotFoundError when nothing is there."""
+        if not _is_remote(uri):
+            st = os.stat(uri.removeprefix("file://"))
+            stamp, size = st.st_mtime_ns, st.st_size
+        else:
+            fs, path = self.fs(uri)
+            info = self._guard(uri, "stat", fs.info, path)
+            stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), "")
+            size = info.get("size")
+        return hashlib.sha256(f"{stamp}:{size}".encode()).hexdigest()[:16]
 
     def ls(self, uri: str) -> list[str]:
         """The URIs directly under ``uri`` (sorted); empty if it does not exist. Listed anew, not

@@ -54,10 +54,12 @@ class ShardRecord:
     rows: pa.Table
     skipped: dict[str, int] = field(default_factory=dict)
     reencoded: int = 0
+    version: str = ""  # Storage.version of the shard as written ("": a record from before they were kept)
 
     def summary(self) -> dict:
         return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
-                "plan_digest": self.plan_digest, "skipped": self.skipped, "reencoded": self.reencoded}
+                "plan_digest": self.plan_digest, "skipped": self.skipped, "reencoded": self.reencoded,
+                "version": self.version}
 
 
 def record_uri(record_dir: str, name: str) -> str:

@@ -2,8 +2,13 @@
 
 A shard is built in a temp file (in the destination folder for local output, in local
 scratch for S3), hashed while it is written, then renamed into place or uploaded to its
-final key with retries, and checked there. Only then is its record saved: a shard without
-a record, or whose bytes no longer match its record, is written again on the next run.
+final key with retries, and checked there. Only then is its record saved, with the shard's
+sha256 and the version of the object written (``Storage.version``: its ETag and size on S3,
+its modification time and size locally). A rerun keeps a shard that is still that version
+for one stat, without reading it. A shard of another version (copied with the run dir, or
+recorded before versions were kept) is read through: kept when its sha256 is the record's,
+which then takes the new version, else written again, as is a shard without a record.
+``vfm verify`` re-reads every shard.
 """
 from __future__ import annotations
 
@@ -172,8 +177,9 @@ def write_shard(job: ShardJob, storage: Storage, options: EncodeOptions, scratch
         stale.unlink(missing_ok=True)
     temp = folder / f".{job.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        # No fsync: a shard that a crash leaves short or empty under its final name fails the
-        # checksum of its record on the next run and is rewritten, like any mismatching shard.
+        # No fsync (it costs the writer about a sixth of its speed): a crash that loses a shard's
+        # pages leaves it short (ext4 and XFS set a file's size on disk as its data gets there),
+        # so its version, which holds its size, no longer matches and the rerun writes it again.
         with open(temp, "wb") as raw:
             out = _HashingFile(raw)
             rows, skipped, reencoded = build_shard(job, out, storage, options)
@@ -185,7 +191,7 @@ def write_shard(job: ShardJob, storage: Storage, options: EncodeOptions, scratch
         temp.unlink(missing_ok=True)
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     return ShardRecord(job.name, len(rows), out.offset, out.sha256.hexdigest(), job.plan_digest, table,
-                       dict(skipped), reencoded)
+                       dict(skipped), reencoded, storage.version(job.uri))
 
 
 def tidy_shard_folder(shard_dir: str, planned: set[str], storage: Storage) -> int:
@@ -198,10 +204,22 @@ def tidy_shard_folder(shard_dir: str, planned: set[str], storage: Storage) -> in
     return len(leftovers)
 
 
-def _matches(job: ShardJob, record: ShardRecord, storage: Storage) -> bool:
-    """Whether the existing shard at ``job.uri`` is the one ``record`` describes, for this plan."""
-    return (record.plan_digest == job.plan_digest and storage.size(job.uri) == record.bytes
-            and shard_sha256(job.uri, storage) == record.sha256)
+def _version(uri: str, storage: Storage) -> str | None:
+    """:meth:`Storage.version` of ``uri``, None when nothing is there."""
+    try:
+        return storage.version(uri)
+    except FileNotFoundError:
+        return None
+
+
+def _matches(job: ShardJob, record: ShardRecord, version: str, storage: Storage) -> bool:
+    """Whether the shard at ``job.uri``, now at ``version``, is the one ``record`` describes, for
+    this plan: the very object written, or else the same bytes."""
+    if record.plan_digest != job.plan_digest:
+        return False
+    if record.version == version:
+        return True
+    return storage.size(job.uri) == record.bytes and shard_sha256(job.uri, storage) == record.sha256
 
 
 def write_shard_group(jobs: list[ShardJob], record_dir: str, storage: Storage, options: EncodeOptions,
@@ -210,11 +228,14 @@ def write_shard_group(jobs: list[ShardJob], record_dir: str, storage: Storage, o
     outcome = GroupOutcome()
     for job in jobs:
         record = load_record(record_dir, job.name, storage)
-        exists = storage.exists(job.uri)
-        if record is not None and exists and _matches(job, record, storage):
+        version = _version(job.uri, storage)
+        if record is not None and version is not None and _matches(job, record, version, storage):
+            if record.version != version:  # checked by its bytes: the next rerun checks its version alone
+                record.version = version
+                save_record(record, record_dir, storage)
             outcome.kept.append(job.name)
         else:
-            (outcome.mismatching if exists else outcome.missing).append(job.name)
+            (outcome.missing if version is None else outcome.mismatching).append(job.name)
             record = write_shard(job, storage, options, scratch_dir, retry)
             save_record(record, record_dir, storage)
             outcome.written.append(job.name)

@@ -118,6 +118,47 @@ def test_rerun_rewrites_only_missing_and_mismatching_shards(built):
     assert verify_shards(built.shard_dir).ok
 
 
+class _OpenLog(Storage):
+    """A Storage that notes every file it opens for reading."""
+
+    def __init__(self):
+        super().__init__()
+        self.opened: list[str] = []
+
+    def open(self, uri: str, mode: str = "rb"):
+        self.opened.append(Path(uri).name)
+        return super().open(uri, mode)
+
+
+def _record_meta(work_dir: str, name: str) -> tuple[pa.Table, dict]:
+    path = Path(work_dir, "records", f"{name}.parquet")
+    table = pq.read_table(path)
+    return table, json.loads(table.schema.metadata[b"vfm_shard_record"])
+
+
+def test_a_rerun_keeps_recorded_shards_without_reading_them(built):
+    shards = sorted(Path(built.shard_dir, "shards").iterdir())
+    storage = _OpenLog()
+    result = build_shards(built.pool.manifest_uri, built.shard_dir, built.work_dir, SPEC, storage, **QUIET)
+    assert (result.kept, result.written) == (len(shards), 0)
+    assert not [name for name in storage.opened if name.endswith(".tar")]
+
+    # Touched since its record (a copy of the run dir without its times): read through once,
+    # kept for its unchanged sha256, and recorded at its new version.
+    os.utime(shards[2], ns=(time.time_ns(), time.time_ns()))
+    # A record from before versions were kept: the same.
+    table, meta = _record_meta(built.work_dir, shards[4].name)
+    del meta["version"]
+    pq.write_table(table.replace_schema_metadata({b"vfm_shard_record": json.dumps(meta).encode()}),
+                   Path(built.work_dir, "records", f"{shards[4].name}.parquet"))
+    for expected_reads in ([shards[2].name, shards[4].name], []):
+        storage = _OpenLog()
+        result = build_shards(built.pool.manifest_uri, built.shard_dir, built.work_dir, SPEC, storage, **QUIET)
+        assert (result.kept, result.written) == (len(shards), 0)
+        assert sorted(name for name in storage.opened if name.endswith(".tar")) == expected_reads
+    assert _record_meta(built.work_dir, shards[4].name)[1]["version"] == Storage().version(str(shards[4]))
+
+
 _KILLABLE_WRITER = """
 import sys, time
 from data_curation.shards.build import build_shards
