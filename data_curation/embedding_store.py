@@ -9,10 +9,15 @@ files under the store's folder (a URI, local or s3://):
   presence means the chunk is complete and a resumed run skips it.
 
 Reading maps the .npy files (copied to a local cache first when the store is on S3), so
-only what a step touches is paged in. Each write of a chunk gets a new generation, kept in
-the Parquet file's metadata; a local copy is named by the generation it was made from, so
-a node whose cache outlived the chunk (the stage re-embedded under new settings, while only
-the driver's cache was cleared) never maps the old vectors.
+only what a step touches is paged in. A chunk whose Parquet file is there but whose files
+cannot be read as one chunk (damaged on disk, cut short, a vector file gone, a row count
+other than its accepted images') raises :class:`DamagedChunks`; :meth:`ChunkStore.remove`
+takes it away, so that the stage embeds it again.
+
+Each write of a chunk gets a new generation, kept in the Parquet file's metadata; a local
+copy is named by the generation it was made from, so a node whose cache outlived the chunk
+(the stage re-embedded under new settings, while only the driver's cache was cleared) never
+maps the old vectors.
 """
 from __future__ import annotations
 
@@ -164,6 +169,23 @@ class MappedVectors:
         return np.asarray(self._map(), dtype=dtype)
 
 
+class DamagedChunks(ValueError):
+    """Chunks of the folder ``root`` that look complete but cannot be read: ``damaged`` maps
+    each one's index to the reason. The message names the first, with how many more."""
+
+    def __init__(self, root: str, damaged: dict[int, str]):
+        self.root, self.damaged = root, dict(sorted(damaged.items()))
+        (first, reason), more = next(iter(self.damaged.items())), len(self.damaged) - 1
+        super().__init__(f"{Storage.join(root, chunk_name(first))} is damaged: {reason}"
+                         + (f" (and {more} more chunk{'s' * (more > 1)})" if more else ""))
+
+
+# What reading a damaged chunk raises: pyarrow's (an ArrowInvalid is a ValueError), numpy's on a
+# cut header or a file shorter than its header says, a vector file that is gone. StorageError
+# (the store itself failing) is not among them.
+_DAMAGE = (ValueError, EOFError, FileNotFoundError, pa.ArrowException)
+
+
 @dataclass
 class Chunk:
     index: int
@@ -202,6 +224,16 @@ class ChunkStore:
         if self.cache_dir is not None:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
 
+    def remove(self, indices: Iterable[int]) -> None:
+        """Remove the chunks ``indices`` and their local copies; each one's Parquet file goes
+        first, so from then on it is not done."""
+        for index in indices:
+            base = Storage.join(self.root, chunk_name(index))
+            for suffix in (".parquet", ".embedding.npy", ".copy.npy"):
+                self.storage.rm(base + suffix)
+            for kind in ("embedding", "copy") if self.cache_dir is not None else ():
+                shutil.rmtree(self.cache_dir / f"{chunk_name(index)}.{kind}", ignore_errors=True)
+
     def _local(self, uri: str, generation: str | None) -> str:
         """A local path of ``uri``: itself on a local store, else a copy in ``cache_dir``, in a
         folder of its own, named by the chunk's ``generation`` (asked of the store when not given:
@@ -210,7 +242,7 @@ class ChunkStore:
         if not Storage.is_remote(uri):
             return uri
         if self.cache_dir is None:
-            raise ValueError(f"a local cache_dir is needed to memory-map {uri}")
+            raise TypeError(f"a local cache_dir is needed to memory-map {uri}")  # not a damaged chunk
         name = Path(uri)
         folder = self.cache_dir / name.stem  # chunk-000007.embedding/
         local = folder / f"{generation or self.storage.version(uri)}{name.suffix}"
@@ -222,15 +254,17 @@ class ChunkStore:
             self.storage.get_file(uri, local)
         return str(local)
 
-    def _meta(self, index: int, columns: Sequence[str] | None) -> tuple[pa.Table, str | None]:
+    def _meta(self, index: int, columns: Sequence[str] | None) -> tuple[pa.Table, str | None, int]:
+        """Chunk ``index``'s metadata (see :meth:`read_meta`), its generation and its accepted images."""
         data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
         schema = pq.ParquetFile(data).schema_arrow
         generation = (schema.metadata or {}).get(_GENERATION_KEY)
         generation = generation.decode() if generation else None
+        accepted = pq.read_table(data, columns=["reject_reason"]).column(0).null_count
         if columns is None:
-            return with_later_columns(_without_metadata(pq.read_table(data))), generation
+            return with_later_columns(_without_metadata(pq.read_table(data))), generation, accepted
         table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS])
-        return with_later_columns(_without_metadata(table)).select(list(columns)), generation
+        return with_later_columns(_without_metadata(table)).select(list(columns)), generation, accepted
 
     def read_meta(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Chunk ``index``'s metadata: every column, or only ``columns`` (``()``: none, the row
@@ -245,9 +279,23 @@ class ChunkStore:
         the chunk's (:attr:`Chunk.generation`), which saves asking a remote store for it."""
         return _mapped(self._vector_file(index, kind, generation))
 
-    def read_each(self, indices: Iterable[int], columns: Sequence[str] | None = None) -> Iterator[Chunk]:
-        """:meth:`read` of each of ``indices``, in order (see :meth:`_ahead`)."""
-        return self._ahead(lambda index: self.read(index, columns), indices)
+    def read_each(self, indices: Iterable[int], columns: Sequence[str] | None = None,
+                  damaged: dict[int, str] | None = None) -> Iterator[Chunk]:
+        """:meth:`read` of each of ``indices``, in order (see :meth:`_ahead`). Given ``damaged``,
+        a damaged chunk is skipped and its reason put there under its index, instead of raised."""
+        def read(index: int) -> Chunk | DamagedChunks:
+            try:
+                return self.read(index, columns)
+            except DamagedChunks as exc:
+                if damaged is None:
+                    raise
+                return exc
+
+        for chunk in self._ahead(read, indices):
+            if isinstance(chunk, DamagedChunks):
+                damaged.update(chunk.damaged)
+            else:
+                yield chunk
 
     def read_meta_each(self, indices: Iterable[int], columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """:meth:`read_meta` of each of ``indices``, in order (see :meth:`_ahead`)."""
@@ -273,7 +321,16 @@ class ChunkStore:
 
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
         """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`), its vectors (mapped
-        when read, see :class:`MappedVectors`) and its generation."""
-        meta, generation = self._meta(index, columns)
-        return Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),
-                     MappedVectors(self._vector_file(index, "copy", generation)), generation)
+        when read, see :class:`MappedVectors`) and its generation. Raises :class:`DamagedChunks`
+        when its files cannot be read, or hold other than a vector per accepted image."""
+        try:
+            meta, generation, accepted = self._meta(index, columns)
+            chunk = Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),
+                          MappedVectors(self._vector_file(index, "copy", generation)), generation)
+        except _DAMAGE as exc:
+            raise DamagedChunks(self.root, {index: f"{type(exc).__name__}: {exc}"}) from exc
+        for kind, vectors in (("embedding", chunk.embedding), ("copy", chunk.copy)):
+            if len(vectors) != accepted or len(vectors.shape) != 2:
+                raise DamagedChunks(self.root, {index: f"its {kind} vectors have shape {vectors.shape}, "
+                                                       f"for {accepted} accepted images"})
+        return chunk

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +32,7 @@ from data_curation.decode import REJECT_REASONS, DecodeLimits
 from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.demo_pool import IMAGES_DIR, LABELS_FILE, DemoPoolSpec, make_demo_pool, read_labels
 from data_curation.embedders import ImageSizeError, build_preparer, check_embedder
-from data_curation.embedding_store import Chunk, ChunkStore, chunk_indices, chunk_name
+from data_curation.embedding_store import Chunk, ChunkStore, DamagedChunks, chunk_indices, chunk_name
 from data_curation.hkmeans import (
     MIN_RESAMPLE_SIZE,
     Hierarchy,
@@ -67,6 +69,7 @@ _SEEDS_LOGGED = 20  # rejected seed images named in the log, one line each
 _SEED_LISTING, _SEED_EMBEDDINGS = "seed_listing", "seed_embeddings"  # in the work folder, beside the pool's
 _MANIFEST_ROW_GROUP = 1 << 17  # manifest rows per Parquet row group (a few chunks' worth)
 _LISTING_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
+_T = TypeVar("_T")
 
 
 def kmeans_params(cfg, seed: int) -> KMeansParams:
@@ -145,7 +148,11 @@ def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: i
     line at most every ``log_every_s`` seconds (default
     :data:`~data_curation.progress.PROGRESS_EVERY_S`) while listing."""
     done_uri = Storage.join(root, _LISTING_DONE)
-    done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
+    try:
+        done = storage.read_json(done_uri) if storage.exists(done_uri) else {}
+    except ValueError as exc:  # damaged: the listing goes on after its last whole chunk, as if it had none
+        log(f"warning: {done_uri} is damaged ({type(exc).__name__}): reading the listing's chunks instead")
+        done = {}
     if done.get("rows"):
         return {int(k): int(v) for k, v in done["rows"].items()}, ListingProblems.from_json(done)
     rows, cursor = _listed_so_far(root, storage, sources, chunk_size)
@@ -227,12 +234,13 @@ def _listed_so_far(root: str, storage: Storage, sources: list[str],
 def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.ndarray, np.ndarray, dict[str, int]]:
     """The chunks ``indices`` (mapped vectors, metadata left in the store), accepted (N,) bool
     over their listed images, the accepted images' sha256 digests (see :func:`sha256_digests`)
-    and the rejected images by reason, from each chunk's metadata in turn."""
+    and the rejected images by reason, from each chunk's metadata in turn. Raises
+    :class:`DamagedChunks` naming every damaged chunk, after reading them all."""
     rejected = dict.fromkeys(REJECT_REASONS, 0)
     if not indices:
         return [], np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
-    chunks, accepted, digests = [], [], []
-    for chunk in store.read_each(indices, ("reject_reason", "sha256")):
+    chunks, accepted, digests, damaged = [], [], [], {}
+    for chunk in store.read_each(indices, ("reject_reason", "sha256"), damaged):
         reasons = chunk.meta.column("reject_reason")
         ok = pc.is_null(reasons).to_numpy()
         accepted.append(ok)
@@ -241,7 +249,24 @@ def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.
             if entry["values"] in rejected:
                 rejected[entry["values"]] += int(entry["counts"])
         chunks.append(dataclasses.replace(chunk, meta=chunk.meta.select([])))
+    if damaged:
+        raise DamagedChunks(store.root, damaged)
     return chunks, np.concatenate(accepted), np.concatenate(digests), rejected
+
+
+def _mended(ctx: StageContext, read: Callable[[], _T], store: ChunkStore, embed: Callable[[], None],
+            prefix: str = "") -> _T:
+    """``read()`` of freshly embedded chunks. Chunks it finds damaged (a disk fault, a file cut
+    short or removed by hand) would fail every attempt of the stage: they are logged, removed,
+    embedded again through ``embed()``, and read once more; damaged again, they fail the stage."""
+    try:
+        return read()
+    except DamagedChunks as exc:
+        for index, reason in exc.damaged.items():
+            ctx.log(f"{prefix}warning: embedding chunk {index} is damaged ({reason}): embedding it again")
+        store.remove(exc.damaged)
+    embed()
+    return read()
 
 
 def _log_problems(ctx: StageContext, problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:
@@ -363,15 +388,19 @@ class CurateStage(Stage):
         _log_problems(ctx, problems)
         seed_rows = self._list_seeds(cfg, ctx)  # now, so that a bad seed source fails before the pool is embedded
         store = _chunk_store(ctx, "embeddings")
-        _embed_listing(ctx, listing_root, rows_per_chunk, store, limits)
+        embed_pool = functools.partial(_embed_listing, ctx, listing_root, rows_per_chunk, store, limits)
+        embed_pool()
         seed_store = _chunk_store(ctx, _SEED_EMBEDDINGS)
-        _embed_listing(ctx, Storage.join(ctx.work_dir, _SEED_LISTING), seed_rows, seed_store, limits,
-                       "retrieval seeds: ")
-        seeds = self._seeds(cfg, ctx, seed_store, seed_rows)
+        embed_seeds = functools.partial(_embed_listing, ctx, Storage.join(ctx.work_dir, _SEED_LISTING), seed_rows,
+                                        seed_store, limits, "retrieval seeds: ")
+        embed_seeds()
+        seeds = _mended(ctx, lambda: self._seeds(cfg, ctx, seed_store, seed_rows), seed_store, embed_seeds,
+                        "retrieval seeds: ")
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:
         # what the driver keeps per image is a few flags, ids and its sha256's 32 bytes.
-        chunks, accepted, digests, rejected = _pool_facts(store, sorted(rows_per_chunk))
+        chunks, accepted, digests, rejected = _mended(ctx, lambda: _pool_facts(store, sorted(rows_per_chunk)),
+                                                      store, embed_pool)
         n = len(accepted)
         if n == 0:
             skipped = "; ".join(problems.lines())
@@ -534,8 +563,11 @@ class CurateStage(Stage):
         """The embedded seeds, right after they are embedded. Seeds are decoded with the pool's
         limits: a rejected seed is logged with its reason, and none left is an error at once (the
         pool's chunks stay; the seeds' listing and chunks go, so that the next attempt reads the
-        fixed seed sources anew)."""
-        chunks = list(seed_store.read_each(sorted(seed_rows), ("uri", "reject_reason")))
+        fixed seed sources anew). Raises :class:`DamagedChunks` naming every damaged chunk."""
+        damaged: dict[int, str] = {}
+        chunks = list(seed_store.read_each(sorted(seed_rows), ("uri", "reject_reason"), damaged))
+        if damaged:
+            raise DamagedChunks(seed_store.root, damaged)
         turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
         for chunk in chunks:
             bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))

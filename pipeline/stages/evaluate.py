@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,13 @@ class RayEncoder:
         key = _job_key(source, image_sets, patch_sets, resolution)
         uri = Storage.join(self.cache_uri, f"{'random' if source.checkpoint is None else 'trained'}-{key}.npz")
         if self.storage.exists(uri):
-            self.log(f"reusing features saved by an earlier attempt: {uri}")
-            return _load_encoded(self.storage.read_bytes(uri))
+            try:
+                encoded = _load_encoded(self.storage.read_bytes(uri))
+                self.log(f"reusing features saved by an earlier attempt: {uri}")
+                return encoded
+            except _DAMAGED_NPZ as exc:  # would fail every attempt: encoded again instead
+                self.log(f"warning: {uri} is damaged ({type(exc).__name__}: {exc}): encoding again")
+                self.storage.rm(uri)
         gpus = 1 if device == "cuda" or (device == "auto" and cluster_gpus() >= 1) else 0
         task = _encode_task.options(num_cpus=self.threads or 1, num_gpus=gpus)
         try:
@@ -107,6 +113,11 @@ def _dump_encoded(encoded: Encoded) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta, default=str)), **arrays)
     return buffer.getvalue()
+
+
+# What loading a damaged features file raises: zipfile's, numpy's and json's on bytes cut short or
+# overwritten, KeyError for a missing array, TypeError for a spec of other fields.
+_DAMAGED_NPZ = (zipfile.BadZipFile, EOFError, ValueError, KeyError, TypeError)
 
 
 def _load_encoded(data: bytes) -> Encoded:

@@ -16,7 +16,7 @@ from data_curation.builtin import load_builtin
 from data_curation.copy_descriptor import copy_descriptor
 from data_curation.dedup import deduplicate, sha256_digests
 from data_curation.embedders import GradientHistogramEmbedder, build_embedder, check_embedder
-from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, chunk_indices, chunk_name
+from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, DamagedChunks, chunk_indices, chunk_name
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
 from data_curation.scan import embed_rows
@@ -130,6 +130,47 @@ def _chunk_rows(value: float, n: int) -> dict[str, np.ndarray]:
             "id": np.array([str(i) for i in range(n)], dtype=object), "sha256": np.array([""] * n, dtype=object),
             "width": np.full(n, 8), "height": np.full(n, 8), "reject_reason": np.array([""] * n, dtype=object),
             "accepted": np.ones(n, bool), "embedding": np.full((n, 4), value), "copy": np.zeros((n, 2))}
+
+
+def test_a_damaged_chunk_is_named_with_its_reason_and_removed_whole(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    for index in range(6):
+        store.write(index, _chunk_rows(float(index), 3))
+    cut = tmp_path / "chunk-000001.embedding.npy"
+    os.truncate(cut, os.path.getsize(cut) - 4)
+    (tmp_path / "chunk-000002.copy.npy").unlink()
+    (tmp_path / "chunk-000003.parquet").write_bytes(b"not parquet")
+    store.write(4, {**_chunk_rows(4.0, 3), "accepted": np.array([True, True, False]),
+                    "reject_reason": np.array(["", "", "truncated"], dtype=object)})
+    np.save(tmp_path / "chunk-000004.embedding.npy", np.ones((3, 4), np.float32))  # a vector per listed image
+    (tmp_path / "chunk-000005.embedding.npy").write_bytes(b"")
+    with pytest.raises(DamagedChunks, match=r"chunk-000001 is damaged: ValueError: mmap length"):
+        store.read(1)
+    damaged: dict[int, str] = {}
+    assert [chunk.index for chunk in store.read_each(range(6), ("uri",), damaged)] == [0]
+    assert sorted(damaged) == [1, 2, 3, 4, 5]
+    assert "FileNotFoundError" in damaged[2] and "ArrowInvalid" in damaged[3] and "EOFError" in damaged[5]
+    assert damaged[4] == "its embedding vectors have shape (3, 4), for 2 accepted images"
+    exc = DamagedChunks(str(tmp_path), damaged)
+    assert str(exc).startswith(f"{tmp_path / 'chunk-000001'} is damaged") and str(exc).endswith("(and 4 more chunks)")
+    store.remove(damaged)
+    assert store.done() == {0} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "chunk-000000.copy.npy", "chunk-000000.embedding.npy", "chunk-000000.parquet"]
+
+
+def test_a_damaged_remote_chunk_is_found_in_its_local_copy_and_removed_with_it(s3, tmp_path):
+    store = ChunkStore(s3.uri("embeddings"), s3.storage, tmp_path / "cache")
+    for index in range(2):
+        store.write(index, _chunk_rows(float(index), 3))
+    cut = s3.uri("embeddings/chunk-000001.embedding.npy")
+    s3.storage.write_bytes(cut, s3.storage.read_bytes(cut)[:150])
+    damaged: dict[int, str] = {}
+    assert [chunk.index for chunk in store.read_each(range(2), (), damaged)] == [0]
+    assert list(damaged) == [1] and "mmap length is greater than file size" in damaged[1]
+    assert (tmp_path / "cache" / "chunk-000001.embedding").is_dir()
+    store.remove(damaged)
+    assert store.done() == {0} and not s3.storage.exists(cut)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["chunk-000000.copy", "chunk-000000.embedding"]
 
 
 def test_a_remote_chunk_written_again_is_not_mapped_from_another_nodes_old_copy(s3, tmp_path):
@@ -370,7 +411,7 @@ def test_remote_chunks_are_read_several_at_once_in_order_and_a_failed_read_raise
     assert [t.num_rows for t in store.read_meta_each(range(10), ())] == list(range(1, 11))
     s3.storage.rm(s3.uri("embeddings/chunk-000006.parquet"))
     got = []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DamagedChunks, match=r"chunk-000006 is damaged: FileNotFoundError"):
         for chunk in store.read_each(range(10)):
             got.append(chunk.index)
     assert got == [0, 1, 2, 3, 4, 5]

@@ -50,6 +50,13 @@ def test_stage_without_checkpoint_reports_the_baselines_and_reuses_features(loca
     assert again == headline
     assert json.loads((stage_dir / "report.json").read_text())["datasets"] == first["datasets"]
 
+    saved = next((tmp_path / ".work" / "evaluate" / "features").iterdir())
+    saved.write_bytes(saved.read_bytes()[:1000])  # cut short: would fail every attempt if loaded
+    assert EvaluateStage().run(_context(tmp_path, config)) == headline
+    assert f"warning: {saved} is damaged (BadZipFile" in capsys.readouterr().err
+    assert json.loads((stage_dir / "report.json").read_text())["datasets"] == first["datasets"]
+    assert len(saved.read_bytes()) > 1000
+
 
 @pytest.mark.slow
 def test_a_changed_evaluate_config_reuses_the_saved_features(local_ray, tmp_path, mlflow_uri, capsys):
