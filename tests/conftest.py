@@ -81,5 +81,7 @@ def ray_session(tmp_path_factory):
 
 @pytest.fixture
 def mlflow_uri(tmp_path):
-    """A real MLflow sqlite store in the test's folder."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A real, new MLflow sqlite store in the test's folder (see tests/mlflow_store.py)."""
+    from tests.mlflow_store import new_store
+
+    return new_store(tmp_path)

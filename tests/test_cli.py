@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.curation.images import rgb
+from tests.mlflow_store import STORE_FILE, new_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def vfm(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default store: cwd
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    if "MLFLOW_TRACKING_URI" not in full_env and not (cwd / STORE_FILE).exists():
+        new_store(cwd)  # what the first run would make there, without MLflow's seconds of migrations
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -234,6 +237,7 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
     run_dir = tmp_path / "runs" / "smoke"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    new_store(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-c", "smoke"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300

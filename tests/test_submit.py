@@ -72,11 +72,11 @@ def ray_head(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_submit_follow_then_plain_ray_job_submit(tmp_path, ray_head):
+def test_submit_follow_then_plain_ray_job_submit(tmp_path, ray_head, mlflow_uri):
     config = tmp_path / "cluster.yaml"
     config.write_text("base: smoke\nname: cluster\n")
     run_dir = tmp_path / "run"
-    db = tmp_path / "mlflow.db"
+    db = tmp_path / "mlflow.db"  # mlflow_uri's
     # `ray start --head` turns on Ray's token auth; a client sends the token from HOME/.ray/auth_token in token mode
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
