@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from data_curation.knn import RowSet, build_ip_index, return_freed_memory, search_blocks
 from data_curation.progress import Progress
@@ -93,6 +91,9 @@ def deduplicate(sha256: list[str] | np.ndarray, descriptors: RowSet | np.ndarray
     del index
     return_freed_memory()
     src, dst = np.concatenate(src), np.concatenate(dst)
+    from scipy.sparse import coo_matrix  # scipy: imported by a dedup, not with the stages
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(m, m))
     _count, component = connected_components(graph, directed=False)
 

@@ -44,7 +44,6 @@ from data_curation.hkmeans import (
 )
 from data_curation.knn import RowSet, faiss_has_gpu_support
 from data_curation.manifest import build_manifest, normalized_entropy
-from data_curation.plots import plot_class_histogram, plot_cluster_sizes
 from data_curation.progress import Progress
 from data_curation.retrieval import retrieval_picks
 from data_curation.sampling import balanced_sample, resolve_target
@@ -470,6 +469,9 @@ class CurateStage(Stage):
         for level in range(hierarchy.n_levels):
             metrics[f"clusters_l{level + 1}"] = float(len(np.unique(levels[:, level])))
             metrics[f"resampling_steps_l{level + 1}"] = float(hierarchy.resampling_steps_run[level])
+        # matplotlib is imported where a stage plots, not to build the stages (vfm status)
+        from data_curation.plots import plot_cluster_sizes
+
         plots = [plot_cluster_sizes(level1, level1[in_selection], ctx.cache_dir / "plots" / "cluster_sizes.png")]
         if demo:
             plots.append(self._class_plot(ctx, demo, manifest, metrics))
@@ -649,4 +651,6 @@ class CurateStage(Stage):
         n_classes = len(set(class_of.values()))
         metrics["class_balance_before"] = normalized_entropy(np.asarray(before), n_classes)
         metrics["class_balance_after"] = normalized_entropy(np.asarray(after), n_classes)
+        from data_curation.plots import plot_class_histogram
+
         return plot_class_histogram(before, after, ctx.cache_dir / "plots" / "class_histogram.png")

@@ -10,6 +10,10 @@ scored, and the report says so.
 
 `vfm eval` runs the same evaluation in-process on any checkpoint; the random-init baseline
 then takes the checkpoint's own architecture.
+
+The models package (torch, seconds to import) is imported where the work is done, not with
+this module: `vfm status`, a run with nothing to do and every one-line refusal build the
+stages without running them.
 """
 from __future__ import annotations
 
@@ -19,28 +23,33 @@ import json
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
 from data_curation.labelled import DatasetError
 from data_curation.storage import Storage, StorageError
-from models.evaluation.encode import ArchitectureMismatch, BackboneSource, Encoded, encode_images
-from models.evaluation.features import Features
-from models.evaluation.report import RANDOM_INIT, TRAINED, flat_metrics, render_report_table
-from models.evaluation.suite import EvalSettings, dataset_slug, evaluate_backbone
-from models.vision_transformer import ViTSpec
-from models.weights import CheckpointError
 from orchestration.ray_runtime import cluster_gpus, remote_cause
 from orchestration.stage import Resources, Stage, StageContext
 
-# Errors that mean "the input is wrong", shown as their one-line message.
-INPUT_ERRORS = (DatasetError, CheckpointError, ArchitectureMismatch, StorageError, FileNotFoundError)
+if TYPE_CHECKING:
+    from models.evaluation.encode import BackboneSource, Encoded
+    from models.evaluation.suite import EvalSettings
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong", shown as their one-line message."""
+    from models.evaluation.encode import ArchitectureMismatch
+    from models.weights import CheckpointError
+
+    return DatasetError, CheckpointError, ArchitectureMismatch, StorageError, FileNotFoundError
 
 
 def settings_from(section: Any, seed: int) -> EvalSettings:
     """The library's settings from an EvaluateConfig section and the run seed."""
+    from models.evaluation.suite import EvalSettings
+
     return EvalSettings(
         resolution=section.resolution, batch_size=section.batch_size, max_train=section.max_train,
         max_test=section.max_test, test_fraction=section.test_fraction, knn_k=tuple(section.knn_k),
@@ -53,6 +62,8 @@ def settings_from(section: Any, seed: int) -> EvalSettings:
 def _encode_task(source: BackboneSource, image_sets: dict[str, list[np.ndarray]],
                  patch_sets: dict[str, list[np.ndarray]], resolution: int, batch_size: int, device: str,
                  threads: int | None) -> Encoded:
+    from models.evaluation.encode import encode_images
+
     return encode_images(source, image_sets, patch_sets, resolution, batch_size, device, threads)
 
 
@@ -81,7 +92,7 @@ class RayEncoder:
             encoded = ray.get(task.remote(source, image_sets, patch_sets, resolution, batch_size,
                                           "cuda" if gpus else "cpu", self.threads))
         except ray.exceptions.RayTaskError as exc:
-            if (cause := remote_cause(exc, INPUT_ERRORS)) is not None:
+            if (cause := remote_cause(exc, input_errors())) is not None:
                 raise cause from None
             raise
         data = _dump_encoded(encoded)
@@ -121,6 +132,10 @@ _DAMAGED_NPZ = (zipfile.BadZipFile, EOFError, ValueError, KeyError, TypeError)
 
 
 def _load_encoded(data: bytes) -> Encoded:
+    from models.evaluation.encode import Encoded
+    from models.evaluation.features import Features
+    from models.vision_transformer import ViTSpec
+
     with np.load(io.BytesIO(data)) as npz:
         meta = json.loads(str(npz["meta"]))
         names = [k.split(":", 1)[1] for k in npz.files if k.startswith("cls:")]
@@ -131,6 +146,8 @@ def _load_encoded(data: bytes) -> Encoded:
 
 def headline(report: dict[str, Any]) -> dict[str, float]:
     """k-NN and linear top-1 of the evaluated backbone (random init when none) per dataset, and the gains."""
+    from models.evaluation.report import RANDOM_INIT, TRAINED
+
     out: dict[str, float] = {}
     for entry in report["datasets"]:
         source = TRAINED if TRAINED in entry["metrics"] else RANDOM_INIT
@@ -158,6 +175,9 @@ class EvaluateStage(Stage):
         return {"_work/features": {}}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
+        from models.evaluation.report import flat_metrics, render_report_table
+        from models.evaluation.suite import evaluate_backbone
+
         cfg = ctx.section
         settings = settings_from(cfg, ctx.config.run.seed)
         out_dir = ctx.cache_dir / "report"
@@ -178,6 +198,8 @@ class EvaluateStage(Stage):
 
 def evaluate_cli(args: Any, log) -> int:
     """`vfm eval --checkpoint PATH --dataset NAME|URI [--dataset ...] [--out DIR] [--json] [--set ...]`."""
+    from models.evaluation.report import render_report_table
+    from models.evaluation.suite import dataset_slug, evaluate_backbone
     from pipeline.cli import UsageError
     from pipeline.config.root import load_config
 
@@ -188,7 +210,7 @@ def evaluate_cli(args: Any, log) -> int:
     try:
         report = evaluate_backbone(args.checkpoint, list(args.dataset), arch=None, settings=settings,
                                    out_dir=out_dir, storage=storage, log=log)
-    except INPUT_ERRORS as exc:
+    except input_errors() as exc:
         raise UsageError(str(exc)) from None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
