@@ -179,11 +179,14 @@ class DamagedChunks(ValueError):
         super().__init__(f"{Storage.join(root, chunk_name(first))} is damaged: {reason}"
                          + (f" (and {more} more chunk{'s' * (more > 1)})" if more else ""))
 
+    def __reduce__(self):
+        return type(self), (self.root, self.damaged)
 
-# What reading a damaged chunk raises: pyarrow's (an ArrowInvalid is a ValueError), numpy's on a
-# cut header or a file shorter than its header says, a vector file that is gone. StorageError
-# (the store itself failing) is not among them.
-_DAMAGE = (ValueError, EOFError, FileNotFoundError, pa.ArrowException)
+
+# What reading a damaged chunk raises: pyarrow's on a file that is not Parquet (ArrowInvalid, a
+# ValueError), numpy's on a cut header or a file shorter than its header says, a file that is
+# gone. Not among them: StorageError (the store failing), pyarrow's out-of-memory and the like.
+_DAMAGE = (ValueError, EOFError, FileNotFoundError)
 
 
 @dataclass
@@ -231,8 +234,7 @@ class ChunkStore:
             base = Storage.join(self.root, chunk_name(index))
             for suffix in (".parquet", ".embedding.npy", ".copy.npy"):
                 self.storage.rm(base + suffix)
-            for kind in ("embedding", "copy") if self.cache_dir is not None else ():
-                shutil.rmtree(self.cache_dir / f"{chunk_name(index)}.{kind}", ignore_errors=True)
+            self._drop_local_copies(index)
 
     def _local(self, uri: str, generation: str | None) -> str:
         """A local path of ``uri``: itself on a local store, else a copy in ``cache_dir``, in a
@@ -322,7 +324,26 @@ class ChunkStore:
     def read(self, index: int, columns: Sequence[str] | None = None) -> Chunk:
         """Chunk ``index``: its metadata (``columns`` as for :meth:`read_meta`), its vectors (mapped
         when read, see :class:`MappedVectors`) and its generation. Raises :class:`DamagedChunks`
-        when its files cannot be read, or hold other than a vector per accepted image."""
+        when its files cannot be read, or hold other than a vector per accepted image; from a
+        remote store, only once its vector files, fetched again, are still damaged (the local
+        copies may be what was damaged)."""
+        try:
+            return self._read(index, columns)
+        except DamagedChunks:
+            if not self._drop_local_copies(index):
+                raise
+        return self._read(index, columns)
+
+    def _drop_local_copies(self, index: int) -> bool:
+        """Remove the local copies of chunk ``index``'s vector files; whether there were any."""
+        folders = [self.cache_dir / f"{chunk_name(index)}.{kind}" for kind in ("embedding", "copy")
+                   if self.cache_dir is not None and Storage.is_remote(self.root)]
+        found = [folder for folder in folders if folder.is_dir()]
+        for folder in found:
+            shutil.rmtree(folder, ignore_errors=True)
+        return bool(found)
+
+    def _read(self, index: int, columns: Sequence[str] | None) -> Chunk:
         try:
             meta, generation, accepted = self._meta(index, columns)
             chunk = Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),

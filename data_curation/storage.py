@@ -22,6 +22,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+def boot_id() -> str:
+    """This boot of the machine (Linux's boot id), "" where there is none to read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _bucket(uri: str) -> str:
     return uri.split("://", 1)[1].split("/", 1)[0]
 
@@ -178,23 +187,26 @@ class Storage:
         fs, path = self.fs(uri)
         return bool(self._guard(uri, "check", fs.isdir, path))
 
-    def size(self, uri: str) -> int:
-        fs, path = self.fs(uri)
-        return int(self._guard(uri, "stat", fs.size, path))
-
-    def version(self, uri: str) -> str:
-        """A short tag that changes when the object ``uri`` is written again: from its size and its
-        ETag on S3, its modification time in nanoseconds locally, elsewhere its modification or
-        creation time. Raises FileNotFoundError when nothing is there."""
+    def stat(self, uri: str) -> tuple[int, str]:
+        """The size of the object ``uri`` and a short tag of the version of it there: one that
+        changes when it is written again. From its size and its ETag on S3 (asked of the store,
+        not of a listing s3fs keeps); locally from its modification time in nanoseconds and the
+        machine's boot, so that after a restart a file counts as another version (a crash may
+        have lost pages not yet written, leaving the size and time as they were); elsewhere its
+        modification or creation time. Raises FileNotFoundError when nothing is there."""
         if not _is_remote(uri):
             st = os.stat(uri.removeprefix("file://"))
-            stamp, size = st.st_mtime_ns, st.st_size
+            stamp, size = f"{boot_id()}:{st.st_mtime_ns}", st.st_size
         else:
             fs, path = self.fs(uri)
-            info = self._guard(uri, "stat", fs.info, path)
+            info = self._guard(uri, "stat", fs.info, path, **({"refresh": True} if uri.startswith("s3") else {}))
             stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), "")
             size = info.get("size")
-        return hashlib.sha256(f"{stamp}:{size}".encode()).hexdigest()[:16]
+        return int(size or 0), hashlib.sha256(f"{stamp}:{size}".encode()).hexdigest()[:16]
+
+    def version(self, uri: str) -> str:
+        """The version tag of :meth:`stat`."""
+        return self.stat(uri)[1]
 
     def ls(self, uri: str) -> list[str]:
         """The URIs directly under ``uri`` (sorted); empty if it does not exist. Listed anew, not

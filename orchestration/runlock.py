@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from data_curation.storage import Storage
+from data_curation.storage import Storage, boot_id
 from orchestration.ray_runtime import error_line
 
 LOCK_RE = re.compile(r"_LOCK-(\d{6,})\.json$")
@@ -41,11 +41,11 @@ def _machine() -> str:
     """Where a pid means this process table: the boot (cloned VMs share a host name) and the
     pid namespace (containers on the host's network share it too)."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+        namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return ""
+    boot = boot_id()
+    return f"{boot}:{namespace}" if boot else ""
 
 
 def pid_alive(pid: int) -> bool:

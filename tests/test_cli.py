@@ -137,6 +137,15 @@ def test_presets_lists_the_shipped_presets(tmp_path):
     assert {"local", "smoke", "vit7b", "vit_small", "vit_base", "vit_large"} <= names
 
 
+def test_building_the_stages_leaves_torch_matplotlib_and_scipy_unimported():
+    """`vfm status`, a run with nothing to do and every refusal build the stages without running
+    them; the libraries of the work (seconds to import) wait for the work."""
+    code = ("import sys; from pipeline.stages import pipeline_stages; pipeline_stages(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib', 'scipy', 'models'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # -- the whole pipeline ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_pipeline_then_noop_then_only_changed_stage_reruns(tmp_path):

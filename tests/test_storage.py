@@ -37,7 +37,7 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"0" * 10_000)
     storage.put_file(src, str(tmp_path / "c" / "d.bin"))
-    assert storage.size(str(tmp_path / "c" / "d.bin")) == 10_000
+    assert storage.stat(str(tmp_path / "c" / "d.bin"))[0] == 10_000
 
 
 @pytest.mark.parametrize("remote", [False, True])

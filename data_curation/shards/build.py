@@ -33,6 +33,7 @@ from data_curation.shards.writer import RetryPolicy, shard_jobs, tidy_shard_fold
 from data_curation.storage import Storage
 
 RunAll = Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
+RECORDS_FOLDER = "records"  # in the work folder: one record per finished shard (index.py)
 
 
 def run_serially(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
@@ -112,7 +113,7 @@ def build_shards(manifest_uri: str, shard_dir: str, work_dir: str, spec: ShardSp
         result.skipped["repeated_id"] = repeated
     result.leftovers_removed = tidy_shard_folder(shard_dir, {j.name for j in jobs}, storage)
     log(f"{plan.num_rows} samples planned into {len(jobs)} shard{'s' * (len(jobs) != 1)}")
-    record_dir = Storage.join(work_dir, "records")
+    record_dir = Storage.join(work_dir, RECORDS_FOLDER)
     step = spec.shards_per_task
     groups = [(jobs[i:i + step], record_dir, storage, spec.encode, scratch, spec.retry)
               for i in range(0, len(jobs), step)]

@@ -3,12 +3,13 @@
 A shard is built in a temp file (in the destination folder for local output, in local
 scratch for S3), hashed while it is written, then renamed into place or uploaded to its
 final key with retries, and checked there. Only then is its record saved, with the shard's
-sha256 and the version of the object written (``Storage.version``: its ETag and size on S3,
-its modification time and size locally). A rerun keeps a shard that is still that version
-for one stat, without reading it. A shard of another version (copied with the run dir, or
-recorded before versions were kept) is read through: kept when its sha256 is the record's,
-which then takes the new version, else written again, as is a shard without a record.
-``vfm verify`` re-reads every shard.
+sha256 and the version of the object written (``Storage.stat``: its ETag and size on S3,
+its modification time, size and the machine's boot locally). A rerun keeps a shard that is
+still that version for one stat, without reading it. A shard of another version (copied with
+the run dir, recorded before versions were kept, or on a machine restarted since) is read
+through: kept when its sha256 is the record's, which then takes the new version, else
+written again, as is a shard without a record. ``vfm verify`` re-reads every shard, and
+removes the record of each bad one, so that the next run of the stage writes it again.
 """
 from __future__ import annotations
 
@@ -152,15 +153,17 @@ def build_shard(job: ShardJob, out: _HashingFile, storage: Storage, options: Enc
     return rows, skipped, reencoded
 
 
-def _put_with_retries(local: Path, job: ShardJob, size: int, storage: Storage, retry: RetryPolicy) -> None:
+def _put_with_retries(local: Path, job: ShardJob, size: int, storage: Storage, retry: RetryPolicy) -> str:
+    """Upload the finished shard ``local`` to ``job.uri``; returns the version of it there."""
     error: Exception | None = None
     for attempt in range(retry.attempts):
         if attempt:
             time.sleep(retry.backoff_s * 2 ** (attempt - 1))
         try:
             storage.put_file(local, job.uri)
-            if storage.size(job.uri) == size:
-                return
+            stored, version = storage.stat(job.uri)
+            if stored == size:
+                return version
             error = StorageError(f"{job.uri} has the wrong size after upload")
         except (StorageError, OSError) as exc:
             error = exc
@@ -177,21 +180,22 @@ def write_shard(job: ShardJob, storage: Storage, options: EncodeOptions, scratch
         stale.unlink(missing_ok=True)
     temp = folder / f".{job.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        # No fsync (it costs the writer about a sixth of its speed): a crash that loses a shard's
-        # pages leaves it short (ext4 and XFS set a file's size on disk as its data gets there),
-        # so its version, which holds its size, no longer matches and the rerun writes it again.
+        # No fsync (it costs the writer about a sixth of its speed): a local version holds the
+        # machine's boot, so after a crash, which may have lost pages not yet on disk, a rerun
+        # reads each shard through and rewrites the ones whose sha256 is not their record's.
         with open(temp, "wb") as raw:
             out = _HashingFile(raw)
             rows, skipped, reencoded = build_shard(job, out, storage, options)
         if remote:
-            _put_with_retries(temp, job, out.offset, storage, retry)
+            version = _put_with_retries(temp, job, out.offset, storage, retry)
         else:
             os.replace(temp, folder / job.name)
+            version = storage.version(job.uri)
     finally:
         temp.unlink(missing_ok=True)
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     return ShardRecord(job.name, len(rows), out.offset, out.sha256.hexdigest(), job.plan_digest, table,
-                       dict(skipped), reencoded, storage.version(job.uri))
+                       dict(skipped), reencoded, version)
 
 
 def tidy_shard_folder(shard_dir: str, planned: set[str], storage: Storage) -> int:
@@ -204,22 +208,22 @@ def tidy_shard_folder(shard_dir: str, planned: set[str], storage: Storage) -> in
     return len(leftovers)
 
 
-def _version(uri: str, storage: Storage) -> str | None:
-    """:meth:`Storage.version` of ``uri``, None when nothing is there."""
+def _stat(uri: str, storage: Storage) -> tuple[int, str] | None:
+    """:meth:`Storage.stat` of ``uri`` (size, version), None when nothing is there."""
     try:
-        return storage.version(uri)
+        return storage.stat(uri)
     except FileNotFoundError:
         return None
 
 
-def _matches(job: ShardJob, record: ShardRecord, version: str, storage: Storage) -> bool:
-    """Whether the shard at ``job.uri``, now at ``version``, is the one ``record`` describes, for
-    this plan: the very object written, or else the same bytes."""
+def _matches(job: ShardJob, record: ShardRecord, size: int, version: str, storage: Storage) -> bool:
+    """Whether the shard at ``job.uri``, now of ``size`` bytes at ``version``, is the one ``record``
+    describes, for this plan: the very object written, or else the same bytes."""
     if record.plan_digest != job.plan_digest:
         return False
     if record.version == version:
         return True
-    return storage.size(job.uri) == record.bytes and shard_sha256(job.uri, storage) == record.sha256
+    return size == record.bytes and shard_sha256(job.uri, storage) == record.sha256
 
 
 def write_shard_group(jobs: list[ShardJob], record_dir: str, storage: Storage, options: EncodeOptions,
@@ -228,14 +232,14 @@ def write_shard_group(jobs: list[ShardJob], record_dir: str, storage: Storage, o
     outcome = GroupOutcome()
     for job in jobs:
         record = load_record(record_dir, job.name, storage)
-        version = _version(job.uri, storage)
-        if record is not None and version is not None and _matches(job, record, version, storage):
-            if record.version != version:  # checked by its bytes: the next rerun checks its version alone
-                record.version = version
+        now = _stat(job.uri, storage)
+        if record is not None and now is not None and _matches(job, record, *now, storage):
+            if record.version != now[1]:  # checked by its bytes: the next rerun checks its version alone
+                record.version = now[1]
                 save_record(record, record_dir, storage)
             outcome.kept.append(job.name)
         else:
-            (outcome.missing if version is None else outcome.mismatching).append(job.name)
+            (outcome.missing if now is None else outcome.mismatching).append(job.name)
             record = write_shard(job, storage, options, scratch_dir, retry)
             save_record(record, record_dir, storage)
             outcome.written.append(job.name)

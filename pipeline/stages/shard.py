@@ -7,18 +7,20 @@ Sources are sized and groups of shards written by Ray tasks.
 """
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 
-from data_curation.shards.build import ShardSpec, build_shards
+from data_curation.shards.build import RECORDS_FOLDER, ShardSpec, build_shards
 from data_curation.shards.encode import EncodeOptions
-from data_curation.shards.index import SHARDS_FOLDER
+from data_curation.shards.index import SHARDS_FOLDER, record_uri
 from data_curation.shards.plan import ShardLimits
 from data_curation.shards.verify import verify_shards
 from data_curation.shards.writer import RetryPolicy, ShardUploadError
 from data_curation.storage import Storage
+from orchestration.engine import CONFIG_FILE
 from orchestration.ray_runtime import remote_cause
 from orchestration.stage import Resources, Stage, StageContext
 
@@ -64,11 +66,19 @@ def ray_run_all(log: Callable[[str], None]):
 
 def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> int:
     """``vfm verify RUN_DIR``: re-read every shard against the index; 0 when all are good, 1 when
-    any is bad (each bad shard is named in a line of its own)."""
+    any is bad (each bad shard is named in a line of its own). The record of a bad shard is
+    removed: a rerun of the stage keeps, unread, a shard whose record names its version, and
+    now writes it again."""
     report = verify_shards(Storage.join(run_dir, STAGE_FOLDER), storage)
+    records = Storage.join(run_dir, STAGE_FOLDER, "_work", RECORDS_FOLDER)
     for name, reason in sorted(report.bad.items()):
+        storage.rm(record_uri(records, name))
         log(f"bad shard {name}: {reason}")
     log(report.summary())
+    if report.bad:
+        config = Storage.join(run_dir, CONFIG_FILE)
+        log(f"to write the bad shards again: vfm run -c {shlex.quote(config)} --run-dir {shlex.quote(run_dir)} "
+            f"--from shard")
     return 0 if report.ok else 1
 
 

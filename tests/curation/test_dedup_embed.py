@@ -1,6 +1,7 @@
 import hashlib
 import io
 import os
+import pickle
 import threading
 from collections import OrderedDict
 
@@ -20,7 +21,7 @@ from data_curation.embedding_store import LATER_COLUMNS, ChunkStore, DamagedChun
 from data_curation.knn import RowSet
 from data_curation.retrieval import retrieval_picks
 from data_curation.scan import embed_rows
-from data_curation.storage import Storage
+from data_curation.storage import Storage, StorageError
 
 
 def _mnist(n: int):
@@ -168,9 +169,24 @@ def test_a_damaged_remote_chunk_is_found_in_its_local_copy_and_removed_with_it(s
     assert [chunk.index for chunk in store.read_each(range(2), (), damaged)] == [0]
     assert list(damaged) == [1] and "mmap length is greater than file size" in damaged[1]
     assert (tmp_path / "cache" / "chunk-000001.embedding").is_dir()
+    assert pickle.loads(pickle.dumps(DamagedChunks(store.root, damaged))).damaged == damaged  # as Ray sends it
     store.remove(damaged)
     assert store.done() == {0} and not s3.storage.exists(cut)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["chunk-000000.copy", "chunk-000000.embedding"]
+
+    # A damaged local copy of a sound chunk: fetched again, and the chunk is kept.
+    copy = next((tmp_path / "cache" / "chunk-000000.embedding").iterdir())
+    copy.write_bytes(copy.read_bytes()[:150])
+    assert store.read(0).embedding[:, 0].tolist() == [0, 0, 0] and store.done() == {0}
+
+    # The store failing is not damage: the chunk stays.
+    s3.stop()
+    try:
+        with pytest.raises(StorageError):
+            ChunkStore(store.root, s3.impatient_storage(), tmp_path / "other-cache").read(0)
+    finally:
+        s3.start()
+    assert store.done() == {0}
 
 
 def test_a_remote_chunk_written_again_is_not_mapped_from_another_nodes_old_copy(s3, tmp_path):

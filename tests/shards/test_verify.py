@@ -1,15 +1,19 @@
 """Re-reading shards against the index (what `vfm verify` runs) names exactly the bad shards."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from data_curation.shards.build import build_shards
 from data_curation.shards.index import INDEX_FILE
 from data_curation.shards.verify import verify_shards
 from data_curation.storage import Storage
 from pipeline.stages.shard import verify_cli
+from tests.shards.conftest import SPEC
 
 
 def test_intact_shards_pass(built_once):
@@ -56,10 +60,39 @@ def test_vfm_verify_exits_1_naming_the_bad_shard(built, tmp_path):
     shard.write_bytes(bytes(data))
     lines.clear()
     assert verify_cli(str(run_dir), Storage(), lines.append) == 1
-    assert lines[0].startswith(f"bad shard {shard.name}: ") and "1 bad" in lines[-1]
+    assert lines[0].startswith(f"bad shard {shard.name}: ") and "1 bad" in lines[-2]
 
 
 def test_an_index_from_before_the_crc32_column_still_verifies(built):
     path = Path(built.shard_dir, INDEX_FILE)
     pq.write_table(pq.read_table(path).drop_columns(["crc32"]), path)
     assert verify_shards(built.shard_dir).ok
+
+
+def test_a_shard_gone_bad_in_place_is_kept_by_a_rerun_until_vfm_verify_names_it(built_once, tmp_path):
+    """Bit rot leaves a file's time and size as they were, so a rerun, which keeps a shard whose
+    version its record names without reading it, keeps it; vfm verify reads it, names it and
+    removes its record, and the next rerun writes it again."""
+    run_dir = tmp_path / "run"
+    shard_dir, work_dir = run_dir / "shard", run_dir / "shard" / "_work"  # as a run dir holds them
+    shutil.copytree(built_once.shard_dir, shard_dir)
+    shutil.copytree(built_once.work_dir, work_dir)
+    shard = sorted((shard_dir / "shards").iterdir())[3]
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[1500] ^= 0x08
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    def rerun():
+        return build_shards(built_once.pool.manifest_uri, str(shard_dir), str(work_dir), SPEC, log=lambda _: None)
+
+    assert rerun().written == 0
+    lines: list[str] = []
+    assert verify_cli(str(run_dir), Storage(), lines.append) == 1
+    assert lines[0].startswith(f"bad shard {shard.name}: sha256 mismatch")
+    assert lines[-1] == f"to write the bad shards again: vfm run -c {run_dir / 'config.yaml'} --run-dir {run_dir} " \
+                        f"--from shard"
+    again = rerun()
+    assert (again.written, again.missing, again.mismatching) == (1, 0, 1)
+    assert verify_cli(str(run_dir), Storage(), lines.append) == 0
