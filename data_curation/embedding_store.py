@@ -256,17 +256,25 @@ class ChunkStore:
             self.storage.get_file(uri, local)
         return str(local)
 
-    def _meta(self, index: int, columns: Sequence[str] | None) -> tuple[pa.Table, str | None, int]:
-        """Chunk ``index``'s metadata (see :meth:`read_meta`), its generation and its accepted images."""
+    def _meta(self, index: int, columns: Sequence[str] | None,
+              count_accepted: bool = False) -> tuple[pa.Table, str | None, int | None]:
+        """Chunk ``index``'s metadata (see :meth:`read_meta`), its generation and, with
+        ``count_accepted``, its accepted images (None without)."""
         data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
         schema = pq.ParquetFile(data).schema_arrow
         generation = (schema.metadata or {}).get(_GENERATION_KEY)
         generation = generation.decode() if generation else None
-        accepted = pq.read_table(data, columns=["reject_reason"]).column(0).null_count
         if columns is None:
-            return with_later_columns(_without_metadata(pq.read_table(data))), generation, accepted
-        table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS])
-        return with_later_columns(_without_metadata(table)).select(list(columns)), generation, accepted
+            table = with_later_columns(_without_metadata(pq.read_table(data)))
+        else:
+            table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS])
+            table = with_later_columns(_without_metadata(table)).select(list(columns))
+        accepted = None
+        if count_accepted:  # from the columns read when they hold the reasons, else from that column alone
+            reasons = (table["reject_reason"] if "reject_reason" in table.column_names
+                       else pq.read_table(data, columns=["reject_reason"]).column(0))
+            accepted = reasons.null_count
+        return table, generation, accepted
 
     def read_meta(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Chunk ``index``'s metadata: every column, or only ``columns`` (``()``: none, the row
@@ -282,22 +290,26 @@ class ChunkStore:
         return _mapped(self._vector_file(index, kind, generation))
 
     def read_each(self, indices: Iterable[int], columns: Sequence[str] | None = None,
-                  damaged: dict[int, str] | None = None) -> Iterator[Chunk]:
-        """:meth:`read` of each of ``indices``, in order (see :meth:`_ahead`). Given ``damaged``,
-        a damaged chunk is skipped and its reason put there under its index, instead of raised."""
+                  damage_at_end: bool = False) -> Iterator[Chunk]:
+        """:meth:`read` of each of ``indices``, in order (see :meth:`_ahead`). With
+        ``damage_at_end``, a damaged chunk is skipped, and once the others are read one
+        :class:`DamagedChunks` names them all, rather than the first failing in its turn."""
         def read(index: int) -> Chunk | DamagedChunks:
             try:
                 return self.read(index, columns)
             except DamagedChunks as exc:
-                if damaged is None:
+                if not damage_at_end:
                     raise
                 return exc
 
+        damaged: dict[int, str] = {}
         for chunk in self._ahead(read, indices):
             if isinstance(chunk, DamagedChunks):
                 damaged.update(chunk.damaged)
             else:
                 yield chunk
+        if damaged:
+            raise DamagedChunks(self.root, damaged)
 
     def read_meta_each(self, indices: Iterable[int], columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """:meth:`read_meta` of each of ``indices``, in order (see :meth:`_ahead`)."""
@@ -336,16 +348,17 @@ class ChunkStore:
 
     def _drop_local_copies(self, index: int) -> bool:
         """Remove the local copies of chunk ``index``'s vector files; whether there were any."""
-        folders = [self.cache_dir / f"{chunk_name(index)}.{kind}" for kind in ("embedding", "copy")
-                   if self.cache_dir is not None and Storage.is_remote(self.root)]
-        found = [folder for folder in folders if folder.is_dir()]
+        if self.cache_dir is None or not Storage.is_remote(self.root):
+            return False
+        found = [folder for kind in ("embedding", "copy")
+                 if (folder := self.cache_dir / f"{chunk_name(index)}.{kind}").is_dir()]
         for folder in found:
             shutil.rmtree(folder, ignore_errors=True)
         return bool(found)
 
     def _read(self, index: int, columns: Sequence[str] | None) -> Chunk:
         try:
-            meta, generation, accepted = self._meta(index, columns)
+            meta, generation, accepted = self._meta(index, columns, count_accepted=True)
             chunk = Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),
                           MappedVectors(self._vector_file(index, "copy", generation)), generation)
         except _DAMAGE as exc:

@@ -238,8 +238,8 @@ def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.
     rejected = dict.fromkeys(REJECT_REASONS, 0)
     if not indices:
         return [], np.zeros(0, bool), sha256_digests(pa.array([], pa.string())), rejected
-    chunks, accepted, digests, damaged = [], [], [], {}
-    for chunk in store.read_each(indices, ("reject_reason", "sha256"), damaged):
+    chunks, accepted, digests = [], [], []
+    for chunk in store.read_each(indices, ("reject_reason", "sha256"), damage_at_end=True):
         reasons = chunk.meta.column("reject_reason")
         ok = pc.is_null(reasons).to_numpy()
         accepted.append(ok)
@@ -248,8 +248,6 @@ def _pool_facts(store: ChunkStore, indices: list[int]) -> tuple[list[Chunk], np.
             if entry["values"] in rejected:
                 rejected[entry["values"]] += int(entry["counts"])
         chunks.append(dataclasses.replace(chunk, meta=chunk.meta.select([])))
-    if damaged:
-        raise DamagedChunks(store.root, damaged)
     return chunks, np.concatenate(accepted), np.concatenate(digests), rejected
 
 
@@ -566,10 +564,7 @@ class CurateStage(Stage):
         limits: a rejected seed is logged with its reason, and none left is an error at once (the
         pool's chunks stay; the seeds' listing and chunks go, so that the next attempt reads the
         fixed seed sources anew). Raises :class:`DamagedChunks` naming every damaged chunk."""
-        damaged: dict[int, str] = {}
-        chunks = list(seed_store.read_each(sorted(seed_rows), ("uri", "reject_reason"), damaged))
-        if damaged:
-            raise DamagedChunks(seed_store.root, damaged)
+        chunks = list(seed_store.read_each(sorted(seed_rows), ("uri", "reject_reason"), damage_at_end=True))
         turned_away: list[tuple[str, str]] = []  # (uri, reason) of each rejected seed image
         for chunk in chunks:
             bad = chunk.meta.filter(pc.is_valid(chunk.meta["reject_reason"]))

@@ -22,6 +22,7 @@ from data_curation.shards.writer import RetryPolicy, ShardUploadError
 from data_curation.storage import Storage
 from orchestration.engine import CONFIG_FILE
 from orchestration.ray_runtime import remote_cause
+from orchestration.rundir import RunDir
 from orchestration.stage import Resources, Stage, StageContext
 
 MANIFEST_FILE = "manifest.parquet"
@@ -69,16 +70,16 @@ def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> in
     any is bad (each bad shard is named in a line of its own). The record of a bad shard is
     removed: a rerun of the stage keeps, unread, a shard whose record names its version, and
     now writes it again."""
-    report = verify_shards(Storage.join(run_dir, STAGE_FOLDER), storage)
-    records = Storage.join(run_dir, STAGE_FOLDER, "_work", RECORDS_FOLDER)
+    layout = RunDir(run_dir, storage)
+    report = verify_shards(layout.stage_dir(STAGE_FOLDER), storage)
+    records = Storage.join(layout.work_dir(STAGE_FOLDER), RECORDS_FOLDER)
     for name, reason in sorted(report.bad.items()):
         storage.rm(record_uri(records, name))
         log(f"bad shard {name}: {reason}")
     log(report.summary())
     if report.bad:
-        config = Storage.join(run_dir, CONFIG_FILE)
-        log(f"to write the bad shards again: vfm run -c {shlex.quote(config)} --run-dir {shlex.quote(run_dir)} "
-            f"--from shard")
+        log(f"to write the bad shards again: vfm run -c {shlex.quote(layout.path(CONFIG_FILE))} "
+            f"--run-dir {shlex.quote(layout.uri)} --from shard")
     return 0 if report.ok else 1
 
 

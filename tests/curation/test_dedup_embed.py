@@ -147,12 +147,15 @@ def test_a_damaged_chunk_is_named_with_its_reason_and_removed_whole(tmp_path):
     (tmp_path / "chunk-000005.embedding.npy").write_bytes(b"")
     with pytest.raises(DamagedChunks, match=r"chunk-000001 is damaged: ValueError: mmap length"):
         store.read(1)
-    damaged: dict[int, str] = {}
-    assert [chunk.index for chunk in store.read_each(range(6), ("uri",), damaged)] == [0]
+    read: list[int] = []
+    with pytest.raises(DamagedChunks) as caught:  # once the sound chunks are read, naming every damaged one
+        for chunk in store.read_each(range(6), ("uri",), damage_at_end=True):
+            read.append(chunk.index)
+    assert read == [0]
+    exc, damaged = caught.value, caught.value.damaged
     assert sorted(damaged) == [1, 2, 3, 4, 5]
     assert "FileNotFoundError" in damaged[2] and "ArrowInvalid" in damaged[3] and "EOFError" in damaged[5]
     assert damaged[4] == "its embedding vectors have shape (3, 4), for 2 accepted images"
-    exc = DamagedChunks(str(tmp_path), damaged)
     assert str(exc).startswith(f"{tmp_path / 'chunk-000001'} is damaged") and str(exc).endswith("(and 4 more chunks)")
     store.remove(damaged)
     assert store.done() == {0} and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -165,8 +168,12 @@ def test_a_damaged_remote_chunk_is_found_in_its_local_copy_and_removed_with_it(s
         store.write(index, _chunk_rows(float(index), 3))
     cut = s3.uri("embeddings/chunk-000001.embedding.npy")
     s3.storage.write_bytes(cut, s3.storage.read_bytes(cut)[:150])
-    damaged: dict[int, str] = {}
-    assert [chunk.index for chunk in store.read_each(range(2), (), damaged)] == [0]
+    read: list[int] = []
+    with pytest.raises(DamagedChunks) as caught:
+        for chunk in store.read_each(range(2), (), damage_at_end=True):
+            read.append(chunk.index)
+    damaged = caught.value.damaged
+    assert read == [0]
     assert list(damaged) == [1] and "mmap length is greater than file size" in damaged[1]
     assert (tmp_path / "cache" / "chunk-000001.embedding").is_dir()
     assert pickle.loads(pickle.dumps(DamagedChunks(store.root, damaged))).damaged == damaged  # as Ray sends it
