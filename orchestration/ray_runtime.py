@@ -68,13 +68,6 @@ def start_ray(address: str | None, *, num_cpus: int | None, num_gpus: int | None
     kwargs: dict[str, Any] = {}
     if object_store_memory_gb:
         kwargs["object_store_memory"] = int(object_store_memory_gb * 2**30)
-    if num_gpus is None:
-        try:
-            import torch
-
-            num_gpus = torch.cuda.device_count()
-        except Exception:
-            num_gpus = 0
     # Ray 2.60 turns token auth on for every new local cluster (the token goes to ~/.ray/auth_token)
     # and says so in a warning on each start; that is the secure choice and nothing to act on.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -20,7 +20,7 @@ class RayConfig(Section):
         description="Ray cluster to join (e.g. 'auto', '10.0.0.1:6379'); RAY_ADDRESS wins; None starts a local Ray.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all of this machine's).")
-    num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray (None: those torch sees).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray (None: those Ray detects, from CUDA_VISIBLE_DEVICES or NVML).")
     dashboard: bool = Field(False, description="Start the Ray dashboard with the local Ray (on 127.0.0.1).")
     object_store_memory_gb: float | None = Field(
         None, gt=0, description="Object store size of the local Ray in GiB (None: Ray's default)."
