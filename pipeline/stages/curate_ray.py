@@ -10,12 +10,15 @@ rows to the level-1 centroids, which are put in the object store once and shared
 """
 from __future__ import annotations
 
+import io
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from data_curation.decode import DecodeLimits
@@ -100,14 +103,11 @@ class EmbedActor:
         return embed_rows(batch, self.embedder)
 
 
-def _listing_dataset(listing_uris: list[str], storage: Storage) -> ray.data.Dataset:
-    if Storage.is_remote(listing_uris[0]):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        fs, _ = storage.fs(listing_uris[0])
-        paths = [storage.fs(u)[1] for u in listing_uris]
-        return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
-    return ray.data.read_parquet(listing_uris)
+def _read_listing(batch: dict[str, np.ndarray], storage_options: dict) -> pa.Table:
+    """The rows of one listing chunk (the batch holds its URI). Read through the store rather than
+    with ``ray.data.read_parquet``, whose file-listing step costs seconds a pass on its own."""
+    (uri,) = batch["listing"]
+    return pq.read_table(io.BytesIO(Storage(storage_options).read_bytes(str(uri))))
 
 
 def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: ChunkStore, *, limits: DecodeLimits,
@@ -121,7 +121,8 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
         return
     _quiet_data_context()
     storage = store.storage
-    ds = _listing_dataset(listing_uris, storage)
+    ds = ray.data.from_items([{"listing": uri} for uri in listing_uris])
+    ds = ds.map_batches(_read_listing, batch_size=1, batch_format="numpy", fn_kwargs={"storage_options": storage.s3})
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"storage_options": storage.s3, "limits": limits, "embedder": embedder,
                                    "image_size": image_size, "shape": prepared_shape})
