@@ -124,8 +124,11 @@ class CurateConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["demo:"], description="Image sources: folders, "
                                "s3:// prefixes, .parquet/.csv lists of URIs, WebDataset .tar (.tar.gz, .tgz) files; 'demo:' "
                                "generates the demo pool (MNIST/LFW/photos, Zipf-skewed, with duplicates).")
+    demo_head_count: int = Field(480, ge=1, description="Images of the demo pool's most frequent hidden class; "
+                                 "the other twelve follow a Zipf law below it (480: ~1,100 files; 160: ~370).")
     demo_dir: str | None = Field(None, description="Where 'demo:' writes its pool (local); default: "
-                                 "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool-seedN (N = run.seed) "
+                                 "demo_pool/ in the curate folder, or ~/.cache/vfm/demo_pool-seedN-headH (N = run.seed, "
+                                 "H = demo_head_count) "
                                  "for remote run dirs, which also get a copy in their curate folder for every node "
                                  "to read.")
     sniff: bool = Field(True, description="List files without an image extension when their first bytes "

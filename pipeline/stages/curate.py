@@ -131,8 +131,9 @@ def demo_pool_dir(ctx: StageContext) -> Path:
         return Path(ctx.section.demo_dir)
     if not Storage.is_remote(ctx.dir):
         return Path(ctx.dir) / "demo_pool"
-    # Shared by the runs of this user, so one folder per seed: another seed makes another pool.
-    return Path.home() / ".cache" / "vfm" / f"demo_pool-seed{int(ctx.config.run.seed)}"
+    # Shared by the runs of this user, so one folder per spec: another seed or size makes another pool.
+    spec = f"seed{int(ctx.config.run.seed)}-head{ctx.section.demo_head_count}"
+    return Path.home() / ".cache" / "vfm" / f"demo_pool-{spec}"
 
 
 def write_listing(sources: list[str], root: str, storage: Storage, chunk_size: int, sniff: bool,
@@ -338,7 +339,8 @@ class CurateStage(Stage):
         """The listing and the embeddings outlive a change of dedup, clustering, sampling or
         retrieval settings: embedding a pool again is most of curation's cost."""
         cfg = config.curate
-        demo = {"dir": cfg.demo_dir, "seed": int(config.run.seed)} if DEMO_SOURCE in cfg.sources else None
+        demo = ({"dir": cfg.demo_dir, "seed": int(config.run.seed), "head_count": cfg.demo_head_count}
+                if DEMO_SOURCE in cfg.sources else None)
         listing = {"sources": cfg.sources, "demo": demo, "sniff": cfg.sniff, "uri_column": cfg.uri_column,
                    "chunk_size": cfg.embed.chunk_size}
         embeddings = {"listing": listing, "decode": cfg.decode.model_dump(mode="json"),
@@ -613,7 +615,7 @@ class CurateStage(Stage):
         read it (labels.parquet goes last and marks a complete copy)."""
         local = demo_pool_dir(ctx)
         try:
-            images = make_demo_pool(local, DemoPoolSpec(seed=seed))
+            images = make_demo_pool(local, DemoPoolSpec(head_count=ctx.section.demo_head_count, seed=seed))
         except ValueError as exc:
             raise ValueError(f"curate.demo_dir: {exc}") from None
         if not Storage.is_remote(ctx.dir):
