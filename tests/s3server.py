@@ -170,6 +170,11 @@ class S3Bucket:
         return Storage({**self.storage_options(),
                         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
 
+    def unreachable_storage(self) -> Storage:
+        """:meth:`impatient_storage` at an endpoint where nothing listens (port 9): a store that
+        cannot be reached, without stopping the server, which takes ~20 s to start again."""
+        return Storage({**self.impatient_storage().s3, "endpoint_url": "http://127.0.0.1:9"})
+
     def env(self) -> dict[str, str]:
         return self.server.env()
 

@@ -196,9 +196,8 @@ def test_a_damaged_remote_chunk_is_found_in_its_local_copy_and_removed_with_it(s
     assert store.read(0).embedding[:, 0].tolist() == [0, 0, 0] and store.done() == {0}
 
     # The store failing is not damage: the chunk stays. (Nothing listens on port 9.)
-    down = Storage({**s3.impatient_storage().s3, "endpoint_url": "http://127.0.0.1:9"})
     with pytest.raises(StorageError):
-        ChunkStore(store.root, down, tmp_path / "other-cache").read(0)
+        ChunkStore(store.root, s3.unreachable_storage(), tmp_path / "other-cache").read(0)
     assert store.done() == {0}
 
 
