@@ -70,13 +70,13 @@ def embed_pool(config, run_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
     from data_curation.embedding_store import ChunkStore
+    from data_curation.listing import Listing
     from data_curation.storage import Storage
-    from pipeline.stages.curate import write_listing
 
     cfg, storage = config.curate, Storage()
     work = run_dir / "curate" / "_work"
-    rows_per_chunk, _ = write_listing(cfg.sources, str(work / "listing"), storage, cfg.embed.chunk_size,
-                                      cfg.sniff, cfg.uri_column)
+    rows_per_chunk, _ = Listing(cfg.sources, str(work / "listing"), storage, cfg.embed.chunk_size, cfg.sniff,
+                                cfg.uri_column).write()
     store = ChunkStore(str(work / "embeddings"), storage)
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(500, EMBED_DIM)).astype(np.float32)

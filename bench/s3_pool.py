@@ -9,7 +9,7 @@ Reported per method (best of ``--repeats``): wall time, time to the first key, p
 memory during the walk and what is still held after it (tracemalloc; the listing, not the
 process), and the ratios walk_files / baseline.
 
-Picking a listing up: curate's ``write_listing`` of the same prefix into chunks of
+Picking a listing up: curate's ``Listing.write`` of the same prefix into chunks of
 ``--chunk-size`` URIs, stopped once half of the keys are written, then run again to the end; the
 baseline is an unbroken listing of the prefix (best of ``--repeats``). Reported: seconds of the
 second run / seconds of the unbroken one (a listing that started over would be ~1), and that
@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_curation.listing import Listing  # noqa: E402
 from data_curation.storage import Storage  # noqa: E402
-from pipeline.stages.curate import write_listing  # noqa: E402
 from tests.s3server import seaweed_server  # noqa: E402
 
 
@@ -50,8 +50,7 @@ def picking_up(storage, uri: str, keys: int, chunk_size: int, work: Path, repeat
     (best of ``repeats``; the first listing of a fresh server is the slowest)."""
     def listing(into: Path, log=lambda line: None) -> tuple[float, tuple]:
         t0 = time.perf_counter()
-        out = write_listing([uri], str(into), storage, chunk_size, sniff=False, uri_column="uri", log=log,
-                            log_every_s=0.0)
+        out = Listing([uri], str(into), storage, chunk_size, sniff=False).write(log, log_every_s=0.0)
         return time.perf_counter() - t0, out
 
     def stop_half_way(line: str) -> None:

@@ -186,7 +186,7 @@ class DamagedChunks(ValueError):
 # What reading a damaged chunk raises: pyarrow's on a file that is not Parquet (ArrowInvalid, a
 # ValueError), numpy's on a cut header or a file shorter than its header says, a file that is
 # gone. Not among them: StorageError (the store failing), pyarrow's out-of-memory and the like.
-_DAMAGE = (ValueError, EOFError, FileNotFoundError)
+DAMAGE = (ValueError, EOFError, FileNotFoundError)
 
 
 @dataclass
@@ -361,7 +361,7 @@ class ChunkStore:
             meta, generation, accepted = self._meta(index, columns, count_accepted=True)
             chunk = Chunk(index, meta, MappedVectors(self._vector_file(index, "embedding", generation)),
                           MappedVectors(self._vector_file(index, "copy", generation)), generation)
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise DamagedChunks(self.root, {index: f"{type(exc).__name__}: {exc}"}) from exc
         for kind, vectors in (("embedding", chunk.embedding), ("copy", chunk.copy)):
             if len(vectors) != accepted or len(vectors.shape) != 2:

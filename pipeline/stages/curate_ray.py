@@ -1,7 +1,8 @@
-"""Ray Data glue of the curate stage: the embedding pass and the k-means assignment pass.
+"""Ray glue of the curate stage: the embedding pass, the k-means assignment pass, and the
+Ray resources each asks for (``auto`` resolved against the cluster).
 
-Embedding: the listing (Parquet, one file per chunk) -> decode tasks (read, hash, decode,
-resize; CPU) -> an actor pool of frozen embedders (GPU actors when asked for) -> the
+Embedding: the listing chunks (one task each reads its chunk) -> decode tasks (read, hash,
+decode, resize; CPU) -> an actor pool of frozen embedders (GPU actors when asked for) -> the
 driver, which writes each chunk as soon as all of its rows are back. A killed run loses
 at most the chunks in flight.
 
@@ -10,7 +11,6 @@ rows to the level-1 centroids, which are put in the object store once and shared
 """
 from __future__ import annotations
 
-import io
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -18,13 +18,14 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from data_curation.decode import DecodeLimits
 from data_curation.embedders import build_embedder, build_preparer
 from data_curation.embedding_store import SPAN_COLUMNS, ChunkStore
 from data_curation.hkmeans import assign
+from data_curation.knn import faiss_has_gpu_support
+from data_curation.listing import DamagedListing, read_chunk
 from data_curation.progress import Progress
 from data_curation.scan import decode_rows, embed_rows
 from data_curation.storage import Storage, StorageError
@@ -32,15 +33,18 @@ from orchestration.ray_runtime import remote_cause, remote_text
 
 
 @contextmanager
-def _storage_errors_in_one_line() -> Iterator[None]:
+def _task_errors_in_one_line() -> Iterator[None]:
     """A store that a Ray Data task could not read or write fails the stage with the task's
     StorageError, one line naming the URI (not a remote traceback); the chunks already written
-    stay for the rerun."""
+    stay for the rerun. A damaged listing chunk is raised as the task's DamagedListing, for the
+    stage to list it again."""
     try:
         yield
     except ray.exceptions.RayTaskError as exc:
         if (cause := remote_cause(exc, StorageError)) is not None:  # Ray Data appends lines of its own
             raise StorageError(str(cause).splitlines()[0]) from None
+        if (cause := remote_cause(exc, DamagedListing)) is not None:
+            raise DamagedListing(cause.uri, cause.index, cause.reason) from None
         raise
 
 
@@ -57,6 +61,33 @@ def _embedder_start_in_one_line(embedder: str) -> Iterator[None]:
         lines = [line.strip() for line in remote_text(exc).splitlines() if line.strip()]
         raise RuntimeError(f"curate.embed.embedder {embedder}: the embedding actor could not start: "
                            f"{lines[-1] if lines else 'no reason given'}") from None
+
+
+def embedding_pool(embed, gpus_in_cluster: Callable[[], float], images: int | None = None) -> tuple[int, float]:
+    """(actors, GPUs per actor) of the embedding pool, with ``auto`` resolved: GPU actors
+    when the embedder is a backbone and the cluster has a GPU (``gpus_in_cluster()``, asked
+    only then), one per GPU; otherwise one CPU actor. For ``images`` to embed, no more actors
+    than batches: each actor loads the model first, and Ray Data starts the whole pool at once,
+    so a few images (a handful of retrieval seeds) take one actor."""
+    gpus = embed.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1.0 if embed.embedder != "builtin" and gpus_in_cluster() >= 1 else 0.0
+    actors = embed.actors
+    if actors == "auto":
+        actors = max(1, int(gpus_in_cluster() // gpus)) if gpus > 0 else 1
+    if images is not None:
+        actors = min(actors, max(1, -(-images // embed.batch_size)))
+    return int(actors), float(gpus)
+
+
+def assign_task_gpus(cluster, gpus_in_cluster: Callable[[], float],
+                     gpu_faiss: Callable[[], bool] = faiss_has_gpu_support) -> float:
+    """GPUs of each level-1 assignment task, with ``auto`` resolved: one when faiss has GPU
+    support (``gpu_faiss()``) and the cluster a GPU (``gpus_in_cluster()``, asked only then),
+    else none."""
+    if cluster.assign_gpus != "auto":
+        return float(cluster.assign_gpus)
+    return 1.0 if gpu_faiss() and gpus_in_cluster() >= 1 else 0.0
 
 
 def _quiet_data_context() -> None:
@@ -104,24 +135,26 @@ class EmbedActor:
 
 
 def _read_listing(batch: dict[str, np.ndarray], storage_options: dict) -> pa.Table:
-    """The rows of one listing chunk (the batch holds its URI). Read through the store rather than
+    """The rows of one listing chunk (the batch names it). Read through the store rather than
     with ``ray.data.read_parquet``, whose file-listing step costs seconds a pass on its own."""
-    (uri,) = batch["listing"]
-    return pq.read_table(io.BytesIO(Storage(storage_options).read_bytes(str(uri))))
+    (uri,), (index,), (rows,) = batch["listing"], batch["index"], batch["rows"]
+    return read_chunk(str(uri), int(index), int(rows), Storage(storage_options))
 
 
-def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: ChunkStore, *, limits: DecodeLimits,
+def embed_chunks(listing: dict[int, str], expected_rows: dict[int, int], store: ChunkStore, *, limits: DecodeLimits,
                  embedder: str, image_size: int, prepared_shape: tuple[int, ...], batch_size: int, actors: int,
                  cpus_per_actor: float, gpus_per_actor: float,
                  on_chunk: Callable[[int], None] = lambda index: None) -> None:
-    """Decode and embed the rows of ``listing_uris`` (Parquet: chunk, row, uri, span_start,
-    span_end) and write
-    each chunk to ``store`` once complete; ``expected_rows[chunk]`` says when it is."""
-    if not listing_uris:
+    """Decode and embed the rows of the listing chunks ``listing`` (index -> URI; see
+    :mod:`data_curation.listing`) and write each chunk to ``store`` once complete;
+    ``expected_rows[index]`` says when it is. A listing chunk that cannot be read, or holds
+    another number of rows, raises :class:`~data_curation.listing.DamagedListing`."""
+    if not listing:
         return
     _quiet_data_context()
     storage = store.storage
-    ds = ray.data.from_items([{"listing": uri} for uri in listing_uris])
+    ds = ray.data.from_items([{"listing": uri, "index": index, "rows": expected_rows[index]}
+                              for index, uri in listing.items()])
     ds = ds.map_batches(_read_listing, batch_size=1, batch_format="numpy", fn_kwargs={"storage_options": storage.s3})
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"storage_options": storage.s3, "limits": limits, "embedder": embedder,
@@ -134,7 +167,7 @@ def embed_chunks(listing_uris: list[str], expected_rows: dict[int, int], store: 
                                                "storage_options": storage.s3})
     pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
     received: dict[int, int] = defaultdict(int)
-    with _storage_errors_in_one_line(), _embedder_start_in_one_line(embedder):
+    with _task_errors_in_one_line(), _embedder_start_in_one_line(embedder):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             chunks = np.asarray(batch["chunk"], dtype=np.int64)
             for index in np.unique(chunks):
@@ -181,7 +214,7 @@ def assign_chunks(store: ChunkStore, chunks: dict[int, str | None], centroids: n
                                    "centroids_ref": [ref]})
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = defaultdict(list)
     progress = Progress(log, "level-1 assignment", len(chunk_indices), "chunks")
-    with _storage_errors_in_one_line():
+    with _task_errors_in_one_line():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for index in np.unique(batch["chunk"]):
                 sel = batch["chunk"] == index

@@ -18,6 +18,7 @@ from data_curation import progress
 from data_curation.builtin import load_builtin
 from data_curation.decode import REJECT_REASONS
 from data_curation.hkmeans import fit_hierarchy
+from data_curation.listing import Listing
 from data_curation.sources import SourceError
 from data_curation.storage import Storage, StorageError
 from models import backbone_spec, build_from_spec
@@ -27,7 +28,8 @@ from orchestration.stage import StageContext
 from pipeline.config.core import RunConfig
 from pipeline.config.curate import ClusterConfig, CurateConfig, EmbedConfig
 from pipeline.stages import curate
-from pipeline.stages.curate import CurateStage, assign_task_gpus, embedding_pool, write_listing
+from pipeline.stages.curate import CurateStage
+from pipeline.stages.curate_ray import assign_task_gpus, embedding_pool
 from tests.curation.images import bad_files, encode, odd_files, write_tar
 from tests.memory_tracker import MemoryTracker
 
@@ -357,8 +359,7 @@ def test_sources_fixed_after_no_images_were_found_are_listed_again(ray_session, 
 def test_listing_reports_progress_and_a_finished_listing_is_read_back(mixed_pool, tmp_path):
     lines: list[str] = []
     root = str(tmp_path / "listing")
-    rows, problems = write_listing([str(mixed_pool / "pool")], root, Storage(), chunk_size=8, sniff=True,
-                                   uri_column="uri", log=lines.append, log_every_s=0.0)
+    rows, problems = Listing([str(mixed_pool / "pool")], root, Storage(), 8).write(lines.append, log_every_s=0.0)
     assert len(lines) == len(rows) > 1 and all(v == 8 for i, v in rows.items() if i < len(rows) - 1)
     assert re.fullmatch(r"listing: 16 images in 2 chunks so far, \d+ images/s", lines[1])
     assert problems.broken_tars  # the tar cut short
@@ -367,21 +368,20 @@ def test_listing_reports_progress_and_a_finished_listing_is_read_back(mixed_pool
     assert len(members) == 2 and (members.span_start >= 0).all() and (members.span_end > members.span_start).all()
     assert (listed[~listed.uri.str.startswith("tar://")].span_start == -1).all()
     again: list[str] = []
-    assert write_listing([str(mixed_pool / "pool")], root, Storage(), chunk_size=8, sniff=True,
-                         uri_column="uri", log=again.append, log_every_s=0.0) == (rows, problems)
+    assert Listing([str(mixed_pool / "pool")], root, Storage(), 8).write(again.append, log_every_s=0.0) == (rows,
+                                                                                                problems)
     assert again == []  # read back, not listed again
 
 
 class StopListing(Exception):
-    """What a kill between two listing chunks looks like to write_listing."""
+    """What a kill between two listing chunks looks like to Listing.write."""
 
 
 def test_a_listing_stopped_part_way_picks_up_after_its_last_whole_chunk(mixed_pool, tmp_path):
     sources, root = [str(mixed_pool / "pool")], tmp_path / "listing"
 
     def listing(chunk_size: int, into: Path, log=lambda line: None):
-        return write_listing(sources, str(into), Storage(), chunk_size=chunk_size, sniff=True, uri_column="uri",
-                             log=log, log_every_s=0.0)
+        return Listing(sources, str(into), Storage(), chunk_size).write(log, log_every_s=0.0)
 
     def stop_after_two_chunks(line: str) -> None:
         if line.startswith("listing: 16 images in 2 chunks"):
@@ -415,7 +415,7 @@ def test_a_listing_that_ended_without_its_done_mark_goes_on_after_its_short_chun
         (pool / f"a{i}.png").write_bytes(png)
 
     def listing():
-        return write_listing([str(pool)], root, Storage(), chunk_size=2, sniff=True, uri_column="uri")[0]
+        return Listing([str(pool)], root, Storage(), 2).write()[0]
 
     assert listing() == {0: 2, 1: 2, 2: 1}
     (tmp_path / "listing" / "_DONE.json").unlink()  # killed after its last chunk, before the mark
@@ -440,6 +440,24 @@ def test_a_killed_embedding_resumes_with_its_finished_chunks(ray_session, mixed_
     assert len(list(chunks.glob("chunk-*.parquet"))) == 4
     assert {p.name: os.stat(p).st_mtime_ns for p in chunks.glob(f"{finished[0].stem}*")} == stamps
     assert metrics["inputs"] == pq.read_metadata(tmp_path / "curate" / "manifest.parquet").num_rows
+
+
+def test_a_damaged_listing_chunk_is_listed_again_and_the_embedding_goes_on(ray_session, mixed_pool, tmp_path):
+    section = _section(mixed_pool)
+    with pytest.raises(KeyboardInterrupt):
+        CurateStage().run(_context(tmp_path, section, KilledAfterFirstChunk))
+    work = tmp_path / "curate" / "_work"
+    finished = [p.stem for p in (work / "embeddings").glob("chunk-*.parquet")]
+    damaged = next(p for p in sorted((work / "listing").glob("chunk-*.parquet")) if p.stem not in finished)
+    whole = pq.read_table(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # cut short: every attempt failed on it before
+    ctx = _context(tmp_path, section, Recording)
+    metrics = CurateStage().run(ctx)
+    assert f"warning: listing chunk {damaged} is damaged: ArrowInvalid" in "\n".join(ctx.lines)
+    assert f"listed chunk {int(damaged.stem.split('-')[1])} again" in ctx.lines
+    assert pq.read_table(damaged).equals(whole)
+    manifest = pq.read_table(tmp_path / "curate" / "manifest.parquet")
+    assert metrics["inputs"] == manifest.num_rows == pq.read_table(work / "listing").num_rows
 
 
 def test_damaged_embedding_chunks_are_embedded_again_not_failed_on_every_attempt(ray_session, mixed_pool, tmp_path):

@@ -1,0 +1,230 @@
+"""A listing: image sources streamed into chunks of URIs, the unit that curation embeds.
+
+A listing is a folder of Parquet chunks (chunk, row, uri, and span_start and span_end, a tar
+member's byte span in its tar, -1 for none) and ``_DONE.json`` once complete (rows per chunk
+and what listing skipped). Each chunk carries in its Parquet metadata where the listing stood
+after its last row, so that
+
+- a listing stopped part way picks up after its last whole chunk (:meth:`Listing.write`);
+- a chunk found damaged later (a disk fault, a file cut short or removed by hand) is listed
+  again from the chunk before it, while the sources still list the same way around it
+  (:meth:`Listing.mend`): the embeddings of the other chunks stay valid.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_curation.embedding_store import DAMAGE, chunk_indices, chunk_name
+from data_curation.progress import Progress
+from data_curation.sources import Listed, ListingCursor, ListingProblems, SourceError, iter_listed
+from data_curation.storage import Storage
+
+_DONE = "_DONE.json"
+_WHERE = "vfm.listing"  # Parquet metadata key of a chunk: where the listing stood after it
+_FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format is listed anew
+
+
+class DamagedListing(ValueError):
+    """A listing chunk that cannot be read, or holds another number of rows than were listed."""
+
+    def __init__(self, uri: str, index: int, reason: str):
+        self.uri, self.index, self.reason = uri, index, reason
+        super().__init__(f"listing chunk {uri} is damaged: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.uri, self.index, self.reason)
+
+
+def read_chunk(uri: str, index: int, rows: int, storage: Storage) -> pa.Table:
+    """Listing chunk ``index`` at ``uri``, which was listed with ``rows`` rows; raises
+    :class:`DamagedListing` when it cannot be read or holds another number of rows."""
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except DAMAGE as exc:
+        raise DamagedListing(uri, index, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+    if table.num_rows != rows:
+        raise DamagedListing(uri, index, f"{table.num_rows} rows, not the {rows} listed")
+    if "chunk" not in table.column_names or not pc.all(pc.equal(table["chunk"], index)).as_py():
+        raise DamagedListing(uri, index, f"its rows are not those of chunk {index}")
+    return table
+
+
+def log_problems(log: Callable[[str], None], problems: ListingProblems, prefix: str = "", shown: int = 20) -> None:
+    """A line for each of the first ``shown`` things listing skipped, and one for the rest."""
+    lines = problems.lines()
+    for line in lines[:shown]:
+        log(f"{prefix}skipped: {line}")
+    if len(lines) > shown:
+        log(f"{prefix}skipped: ... and {len(lines) - shown} more (curate/stats.json lists them all)")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The listing of ``sources`` under the folder ``root``, ``chunk_size`` images a chunk."""
+
+    sources: list[str]
+    root: str
+    storage: Storage
+    chunk_size: int
+    sniff: bool = True
+    uri_column: str = "uri"
+
+    def chunk(self, index: int) -> str:
+        return Storage.join(self.root, f"{chunk_name(index)}.parquet")
+
+    def write(self, log: Callable[[str], None] = lambda line: None,
+              log_every_s: float | None = None) -> tuple[dict[int, int], ListingProblems]:
+        """List the sources into chunks, or reuse a finished listing that found images, or pick
+        up after the last whole chunk of an unfinished one. Returns rows per chunk and what
+        listing skipped. ``log`` gets a progress line at most every ``log_every_s`` seconds
+        (default :data:`~data_curation.progress.PROGRESS_EVERY_S`) while listing."""
+        done_uri = Storage.join(self.root, _DONE)
+        try:
+            done = self.storage.read_json(done_uri) if self.storage.exists(done_uri) else {}
+        except ValueError as exc:  # damaged: the listing goes on after its last whole chunk, as if it had none
+            log(f"warning: {done_uri} is damaged ({type(exc).__name__}): reading the listing's chunks instead")
+            done = {}
+        if done.get("rows"):
+            return {int(k): int(v) for k, v in done["rows"].items()}, ListingProblems.from_json(done)
+        rows, cursor = self._listed_so_far()
+        if rows:
+            log(f"listing: picking up after {sum(rows.values())} images in {len(rows)} chunks")
+        problems = cursor.problems.copy()
+        batch: list[Listed] = []
+        progress = Progress(log, "listing", None, "images", every_s=log_every_s, start_at=sum(rows.values()))
+
+        def flush() -> None:
+            rows[len(rows)] = len(batch)
+            self._write_chunk(len(rows) - 1, batch, cursor, rows)
+            batch.clear()
+            if progress.due():
+                images = sum(rows.values())
+                log(f"listing: {images} images in {len(rows)} chunks so far, {progress.rate(images):.0f} images/s")
+
+        for item in self._items(problems, cursor):
+            batch.append(item)
+            if len(batch) == self.chunk_size:
+                flush()
+        if batch:
+            flush()
+        if rows:  # an empty listing is not kept: the next attempt lists the sources again, once they are fixed
+            self.storage.write_json(done_uri, {"rows": rows, **problems.to_json()})
+        return rows, problems
+
+    def read(self, index: int, rows: int) -> pa.Table:
+        return read_chunk(self.chunk(index), index, rows, self.storage)
+
+    def mend(self, rows: dict[int, int], damaged: int) -> list[int]:
+        """List again chunk ``damaged`` and every other chunk of the listing (``rows``: rows per
+        chunk) whose metadata cannot be read or does not match, each run of them from the chunk
+        before it. Returns the chunks written. Raises :class:`SourceError` when the sources no
+        longer list the same way around a run (they changed since they were listed): its chunks
+        then cannot be listed again alone."""
+        bad = {damaged} | {i for i in rows if (where := self._where(i)) is None or where[0] != rows[i]}
+        for first in sorted(i for i in bad if i - 1 not in bad):
+            self._relist_from(first, rows, bad)
+        return sorted(bad)
+
+    # -- internals ---------------------------------------------------------------------
+    def _items(self, problems: ListingProblems, cursor: ListingCursor) -> Iterator[Listed]:
+        return iter_listed(self.sources, self.storage, sniff=self.sniff, uri_column=self.uri_column,
+                           problems=problems, cursor=cursor)
+
+    def _digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.sources).encode()).hexdigest()
+
+    def _write_chunk(self, index: int, batch: list[Listed], cursor: ListingCursor, rows: dict[int, int]) -> None:
+        """Chunk ``index`` of ``batch``, with where the listing stood after it: ``cursor`` and the
+        short chunks up to it (only a listing's last chunk is short, but a listing that ended
+        before its _DONE was written, of sources that have grown since, goes on after it)."""
+        table = pa.table({"chunk": pa.array([index] * len(batch), pa.int64()),
+                          "row": pa.array(np.arange(len(batch)), pa.int64()),
+                          "uri": pa.array([item.uri for item in batch], pa.string()),
+                          "span_start": pa.array([item.span[0] if item.span else -1 for item in batch], pa.int64()),
+                          "span_end": pa.array([item.span[1] if item.span else -1 for item in batch], pa.int64())})
+        short = {str(i): n for i, n in rows.items() if i <= index and n < self.chunk_size}
+        where = {"sources": self._digest(), "chunk_size": self.chunk_size, "cursor": cursor.to_json(),
+                 "format": _FORMAT, "short": short}
+        buf = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata({_WHERE: json.dumps(where)}), buf)
+        self.storage.write_bytes(self.chunk(index), buf.getvalue())
+
+    def _where(self, index: int) -> tuple[int, dict] | None:
+        """(rows, where the listing stood after it) of chunk ``index``; None when its metadata
+        cannot be read or it belongs to another listing (other sources, chunk size or format)."""
+        try:
+            with self.storage.open(self.chunk(index), "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            where = json.loads((meta.metadata or {})[_WHERE.encode()])
+        except (KeyError, *DAMAGE, pa.ArrowException):
+            return None
+        if (where.get("sources") != self._digest() or where.get("chunk_size") != self.chunk_size
+                or where.get("format") != _FORMAT):
+            return None
+        return meta.num_rows, where
+
+    def _listed_so_far(self) -> tuple[dict[int, int], ListingCursor]:
+        """The rows of the whole chunks an unfinished listing of these sources wrote (0, 1, ...
+        without a gap), and the cursor stored with the last of them; nothing to reuse: ({}, start)."""
+        present = chunk_indices(self.root, self.storage)
+        count = 0
+        while count in present:
+            count += 1
+        for last in range(count - 1, -1, -1):  # a chunk without a readable cursor is listed again
+            if (found := self._where(last)) is None:
+                continue
+            num_rows, where = found
+            short = where.get("short", {})
+            rows = {i: int(short.get(str(i), self.chunk_size)) for i in range(last)}
+            rows[last] = num_rows
+            return rows, ListingCursor.from_json(where["cursor"])
+        return {}, ListingCursor()
+
+    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int]) -> None:
+        """Write chunks ``index``, ``index + 1``, ... while they are in ``bad``, from where the
+        chunk before them left the listing; the next image listed must then be the first of
+        the next chunk (or none, after the last)."""
+        cursor = ListingCursor.from_json(self._where(index - 1)[1]["cursor"]) if index else ListingCursor()
+        items = self._items(cursor.problems.copy(), cursor)
+        while True:
+            batch = list(itertools.islice(items, rows[index]))
+            if len(batch) != rows[index]:
+                self._changed(index)
+            after = ListingCursor.from_json(cursor.to_json())
+            following = next(items, None)
+            # As Listing.write did: a short chunk was written once the sources ran out, a whole one at once.
+            self._write_chunk(index, batch, cursor if following is None and len(batch) < self.chunk_size else after,
+                              rows)
+            index += 1
+            if index in bad:
+                items = itertools.chain([] if following is None else [following], items)
+                continue
+            if index not in rows:
+                if following is not None:
+                    self._changed(index - 1)
+                return
+            try:
+                head = self.read(index, rows[index]).column("uri")[0].as_py()
+            except DamagedListing:  # listed again with the others
+                bad.add(index)
+                items = itertools.chain([] if following is None else [following], items)
+                continue
+            if following is None or following.uri != head:
+                self._changed(index - 1)
+            return
+
+    def _changed(self, index: int) -> NoReturn:
+        raise SourceError(f"listing chunk {self.chunk(index)} was damaged, and the sources no longer list the "
+                          f"same way around it (they changed since they were listed), so it cannot be listed "
+                          f"again alone; run the stage with --force to list and embed them anew")

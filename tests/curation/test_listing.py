@@ -1,0 +1,82 @@
+"""Listing chunks found damaged are listed again alone, from the chunk before them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_curation.listing import DamagedListing, Listing
+from data_curation.sources import SourceError
+from data_curation.storage import Storage
+from tests.curation.images import encode, write_tar
+
+
+def _pool(folder: Path) -> Path:
+    """Seven PNGs and a tar of two, in a folder: chunks of 2 give 2, 2, 2, 2, 1 images."""
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"a{i}.png").write_bytes(encode(Image.fromarray(np.full((16, 16), 30 * i, np.uint8)), "PNG"))
+    write_tar(folder / "z.tar", {f"t{i}.png": encode(Image.fromarray(np.full((16, 16), i, np.uint8)), "PNG")
+                                 for i in range(2)})
+    return folder
+
+
+def _written(listing: Listing, rows: dict[int, int]) -> dict[int, tuple]:
+    """Each chunk's rows and where the listing stood after it."""
+    out = {}
+    for index in rows:
+        table = pq.read_table(listing.chunk(index))
+        out[index] = (table.to_pylist(), json.loads(table.schema.metadata[b"vfm.listing"]))
+    return out
+
+
+def test_damaged_listing_chunks_are_listed_again_from_the_chunk_before_them(tmp_path):
+    listing = Listing([str(_pool(tmp_path / "pool"))], str(tmp_path / "listing"), Storage(), 2)
+    rows, _ = listing.write()
+    assert rows == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1}
+    whole = _written(listing, rows)
+    chunk = [Path(listing.chunk(i)) for i in rows]
+    chunk[1].write_bytes(b"not parquet")
+    chunk[2].write_bytes(chunk[2].read_bytes()[:-20])  # cut short
+    chunk[4].unlink()  # the last one, removed
+    untouched = {i: chunk[i].stat().st_mtime_ns for i in (0, 3)}
+    for index, reason in ((1, "ArrowInvalid"), (2, "ArrowInvalid"), (4, "FileNotFoundError")):
+        with pytest.raises(DamagedListing, match=f"chunk-00000{index}.parquet is damaged: {reason}"):
+            listing.read(index, rows[index])
+    assert listing.mend(rows, 1) == [1, 2, 4]  # the one a reader met, and those whose metadata is damaged
+    assert _written(listing, rows) == whole  # the same rows, tar spans included, and the same cursors
+    assert {i: chunk[i].stat().st_mtime_ns for i in (0, 3)} == untouched
+
+
+def test_a_chunk_with_other_rows_than_listed_is_damaged(tmp_path):
+    listing = Listing([str(_pool(tmp_path / "pool"))], str(tmp_path / "listing"), Storage(), 2)
+    rows, _ = listing.write()
+    Path(listing.chunk(3)).write_bytes(Path(listing.chunk(0)).read_bytes())  # sound Parquet, not chunk 3's
+    with pytest.raises(DamagedListing, match="its rows are not those of chunk 3"):
+        listing.read(3, 2)
+    with pytest.raises(DamagedListing, match="2 rows, not the 3 listed"):
+        listing.read(0, 3)
+    whole = _written(Listing(listing.sources, str(tmp_path / "again"), Storage(), 2), Listing(
+        listing.sources, str(tmp_path / "again"), Storage(), 2).write()[0])
+    assert listing.mend(rows, 3) == [3]
+    assert _written(listing, rows)[3] == whole[3]
+
+
+def test_a_damaged_chunk_of_sources_that_changed_around_it_is_an_error_naming_force(tmp_path):
+    pool = _pool(tmp_path / "pool")
+    listing = Listing([str(pool)], str(tmp_path / "listing"), Storage(), 2)
+    rows, _ = listing.write()
+    Path(listing.chunk(1)).write_bytes(b"not parquet")
+    (pool / "a2b.png").write_bytes((pool / "a0.png").read_bytes())  # lists between chunk 1's last and chunk 2
+    with pytest.raises(SourceError, match="chunk-000001.parquet was damaged, and the sources no longer list the "
+                                          "same way around it .* --force"):
+        listing.mend(rows, 1)
+    (pool / "a2b.png").unlink()
+    (pool / "z.tar").unlink()  # now the last chunk's images are gone
+    Path(listing.chunk(4)).write_bytes(b"not parquet")
+    with pytest.raises(SourceError, match="chunk-000004.parquet was damaged"):
+        listing.mend(rows, 4)
