@@ -21,6 +21,7 @@ maps the old vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -185,8 +186,20 @@ class DamagedChunks(ValueError):
 
 # What reading a damaged chunk raises: pyarrow's on a file that is not Parquet (ArrowInvalid, a
 # ValueError), numpy's on a cut header or a file shorter than its header says, a file that is
-# gone. Not among them: StorageError (the store failing), pyarrow's out-of-memory and the like.
+# gone, and pyarrow's OSError on a damaged page or footer of bytes already read (see
+# parsing_damage). Not among them: StorageError (the store failing), out-of-memory and the like.
 DAMAGE = (ValueError, EOFError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def parsing_damage() -> Iterator[None]:
+    """Around parsing Parquet bytes already in memory: pyarrow raises OSError, not ValueError, on
+    some damaged pages and footers ("Unexpected end of stream", "Couldn't deserialize thrift");
+    with no I/O left, that is damage, raised as a ValueError with the same message."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(str(exc).strip() or type(exc).__name__) from exc
 
 
 @dataclass
@@ -261,6 +274,12 @@ class ChunkStore:
         """Chunk ``index``'s metadata (see :meth:`read_meta`), its generation and, with
         ``count_accepted``, its accepted images (None without)."""
         data = io.BytesIO(self.storage.read_bytes(Storage.join(self.root, f"{chunk_name(index)}.parquet")))
+        with parsing_damage():
+            return self._parse_meta(data, columns, count_accepted)
+
+    @staticmethod
+    def _parse_meta(data: io.BytesIO, columns: Sequence[str] | None,
+                    count_accepted: bool) -> tuple[pa.Table, str | None, int | None]:
         schema = pq.ParquetFile(data).schema_arrow
         generation = (schema.metadata or {}).get(_GENERATION_KEY)
         generation = generation.decode() if generation else None

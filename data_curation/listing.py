@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_curation.embedding_store import DAMAGE, chunk_indices, chunk_name
+from data_curation.embedding_store import DAMAGE, chunk_indices, chunk_name, parsing_damage
 from data_curation.progress import Progress
 from data_curation.sources import Listed, ListingCursor, ListingProblems, SourceError, iter_listed
 from data_curation.storage import Storage
@@ -36,7 +36,8 @@ _FORMAT = 2  # 2: with tar spans; a listing stopped part way in another format i
 
 
 class DamagedListing(ValueError):
-    """A listing chunk that cannot be read, or holds another number of rows than were listed."""
+    """A listing chunk that cannot be read, holds another number of rows than were listed, or
+    holds the rows of another chunk."""
 
     def __init__(self, uri: str, index: int, reason: str):
         self.uri, self.index, self.reason = uri, index, reason
@@ -50,7 +51,9 @@ def read_chunk(uri: str, index: int, rows: int, storage: Storage) -> pa.Table:
     """Listing chunk ``index`` at ``uri``, which was listed with ``rows`` rows; raises
     :class:`DamagedListing` when it cannot be read or holds another number of rows."""
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        data = storage.read_bytes(uri)
+        with parsing_damage():
+            table = pq.read_table(io.BytesIO(data))
     except DAMAGE as exc:
         raise DamagedListing(uri, index, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
     if table.num_rows != rows:
@@ -131,9 +134,11 @@ class Listing:
         before it. Returns the chunks written. Raises :class:`SourceError` when the sources no
         longer list the same way around a run (they changed since they were listed): its chunks
         then cannot be listed again alone."""
-        bad = {damaged} | {i for i in rows if (where := self._where(i)) is None or where[0] != rows[i]}
+        bad = {damaged} | {i for i in rows if not self._sound(i, rows[i])}
+        done = -1  # the last chunk written: a run that grew into the next one has listed it already
         for first in sorted(i for i in bad if i - 1 not in bad):
-            self._relist_from(first, rows, bad)
+            if first > done:
+                done = self._relist_from(first, rows, bad)
         return sorted(bad)
 
     # -- internals ---------------------------------------------------------------------
@@ -160,42 +165,69 @@ class Listing:
         pq.write_table(table.replace_schema_metadata({_WHERE: json.dumps(where)}), buf)
         self.storage.write_bytes(self.chunk(index), buf.getvalue())
 
-    def _where(self, index: int) -> tuple[int, dict] | None:
-        """(rows, where the listing stood after it) of chunk ``index``; None when its metadata
-        cannot be read or it belongs to another listing (other sources, chunk size or format)."""
+    def _footer(self, index: int) -> pq.FileMetaData | None:
+        """Chunk ``index``'s Parquet footer; None when it cannot be read."""
         try:
             with self.storage.open(self.chunk(index), "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-            where = json.loads((meta.metadata or {})[_WHERE.encode()])
-        except (KeyError, *DAMAGE, pa.ArrowException):
+                return pq.ParquetFile(f).metadata
+        except (*DAMAGE, OSError, pa.ArrowException):
             return None
-        if (where.get("sources") != self._digest() or where.get("chunk_size") != self.chunk_size
-                or where.get("format") != _FORMAT):
+
+    def _where(self, footer: pq.FileMetaData) -> dict | None:
+        """Where the listing stood after a chunk, from its footer; None when it has none."""
+        try:
+            return json.loads((footer.metadata or {})[_WHERE.encode()])
+        except (KeyError, ValueError):
             return None
-        return meta.num_rows, where
+
+    def _ours(self, where: dict) -> bool:
+        """Whether a chunk is of this listing, not one of other sources, chunk size or format."""
+        return (where.get("sources") == self._digest() and where.get("chunk_size") == self.chunk_size
+                and where.get("format") == _FORMAT)
+
+    def _sound(self, index: int, rows: int) -> bool:
+        """Whether chunk ``index`` looks whole from its footer: readable, of this listing, with
+        ``rows`` rows, all of them (by the column statistics) rows of chunk ``index``."""
+        footer = self._footer(index)
+        if footer is None or footer.num_rows != rows or (where := self._where(footer)) is None or not self._ours(where):
+            return False
+        names = footer.schema.names
+        if "chunk" not in names:
+            return False
+        column = names.index("chunk")
+        for group in range(footer.num_row_groups):
+            stats = footer.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.min != index or stats.max != index:
+                return False
+        return True
 
     def _listed_so_far(self) -> tuple[dict[int, int], ListingCursor]:
         """The rows of the whole chunks an unfinished listing of these sources wrote (0, 1, ...
-        without a gap), and the cursor stored with the last of them; nothing to reuse: ({}, start)."""
+        without a gap), and the cursor stored with the last of them; nothing to reuse: ({}, start).
+        A chunk whose footer cannot be read is listed again; one of another listing (other
+        sources, chunk size or format) means the listing starts anew."""
         present = chunk_indices(self.root, self.storage)
         count = 0
         while count in present:
             count += 1
-        for last in range(count - 1, -1, -1):  # a chunk without a readable cursor is listed again
-            if (found := self._where(last)) is None:
+        for last in range(count - 1, -1, -1):
+            if (footer := self._footer(last)) is None or (where := self._where(footer)) is None:
                 continue
-            num_rows, where = found
+            if not self._ours(where):
+                break
             short = where.get("short", {})
             rows = {i: int(short.get(str(i), self.chunk_size)) for i in range(last)}
-            rows[last] = num_rows
+            rows[last] = footer.num_rows
             return rows, ListingCursor.from_json(where["cursor"])
         return {}, ListingCursor()
 
-    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int]) -> None:
+    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int]) -> int:
         """Write chunks ``index``, ``index + 1``, ... while they are in ``bad``, from where the
         chunk before them left the listing; the next image listed must then be the first of
-        the next chunk (or none, after the last)."""
-        cursor = ListingCursor.from_json(self._where(index - 1)[1]["cursor"]) if index else ListingCursor()
+        the next chunk (or none, after the last). Returns the last chunk written."""
+        cursor = ListingCursor()
+        if index:  # the chunk before is sound: not in bad
+            cursor = ListingCursor.from_json(self._where(self._footer(index - 1))["cursor"])
         items = self._items(cursor.problems.copy(), cursor)
         while True:
             batch = list(itertools.islice(items, rows[index]))
@@ -203,7 +235,8 @@ class Listing:
                 self._changed(index)
             after = ListingCursor.from_json(cursor.to_json())
             following = next(items, None)
-            # As Listing.write did: a short chunk was written once the sources ran out, a whole one at once.
+            # As write() did: the last chunk, when short, once the sources ran out; any other at once. (A
+            # short chunk before others, of sources that grew, now gets where it ended: the same image next.)
             self._write_chunk(index, batch, cursor if following is None and len(batch) < self.chunk_size else after,
                               rows)
             index += 1
@@ -213,7 +246,7 @@ class Listing:
             if index not in rows:
                 if following is not None:
                     self._changed(index - 1)
-                return
+                return index - 1
             try:
                 head = self.read(index, rows[index]).column("uri")[0].as_py()
             except DamagedListing:  # listed again with the others
@@ -222,7 +255,7 @@ class Listing:
                 continue
             if following is None or following.uri != head:
                 self._changed(index - 1)
-            return
+            return index - 1
 
     def _changed(self, index: int) -> NoReturn:
         raise SourceError(f"listing chunk {self.chunk(index)} was damaged, and the sources no longer list the "

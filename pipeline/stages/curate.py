@@ -152,11 +152,23 @@ def _chunk_store(ctx: StageContext, name: str) -> ChunkStore:
     return ChunkStore(Storage.join(ctx.work_dir, name), ctx.storage, ctx.cache_dir / "_work" / name)
 
 
+def _spans(indices: list[int]) -> str:
+    """Sorted indices as runs: [1, 2, 3, 7] -> "1-3, 7"."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _embed_listing(ctx: StageContext, listing: Listing, rows_per_chunk: dict[int, int], store: ChunkStore,
-                   limits: DecodeLimits, prefix: str = "") -> None:
+                   limits: DecodeLimits, setting: str, prefix: str = "") -> None:
     """Decode and embed, on Ray Data's actor pool, the listing chunks that ``store`` lacks. A
-    listing chunk found damaged is listed again, with any other damaged one, and the chunks
-    still lacking are embedded in a second pass; damaged again, it fails the stage."""
+    listing chunk found damaged is listed again, with every other one whose footer shows damage,
+    and the chunks still lacking are embedded in a second pass; one damaged then fails the
+    stage. ``setting`` (``curate.sources``) prefixes the error of a listing that cannot be mended."""
     if not rows_per_chunk:
         return
     embed = ctx.section.embed
@@ -179,8 +191,11 @@ def _embed_listing(ctx: StageContext, listing: Listing, rows_per_chunk: dict[int
         embed_pass(todo)
     except DamagedListing as exc:
         ctx.log(f"{prefix}warning: {exc}: listing it again")
-        mended = listing.mend(rows_per_chunk, exc.index)
-        ctx.log(f"{prefix}listed chunk{'s' * (len(mended) > 1)} {', '.join(map(str, mended))} again")
+        try:
+            mended = listing.mend(rows_per_chunk, exc.index)
+        except SourceError as error:
+            raise SourceError(f"{setting}: {error}") from None
+        ctx.log(f"{prefix}listed chunk{'s' * (len(mended) > 1)} {_spans(mended)} again")
         embed_pass(sorted(set(rows_per_chunk) - store.done()))
 
 
@@ -241,13 +256,13 @@ class CurateStage(Stage):
         seed_listing = _listing(ctx, cfg.retrieval.seeds, SEED_LISTING)
         seed_rows = list_seeds(cfg, ctx, seed_listing)  # now: a bad seed source fails before the pool is embedded
         store = _chunk_store(ctx, "embeddings")
-        embed_pool = functools.partial(_embed_listing, ctx, listing, rows_per_chunk, store, limits)
+        embed_pool = functools.partial(_embed_listing, ctx, listing, rows_per_chunk, store, limits, "curate.sources")
         embed_pool()
         seed_store = _chunk_store(ctx, SEED_EMBEDDINGS)
         embed_seeds = functools.partial(_embed_listing, ctx, seed_listing, seed_rows, seed_store, limits,
-                                        "retrieval seeds: ")
+                                        "curate.retrieval.seeds", "retrieval seeds: ")
         embed_seeds()
-        seeds = _mended(ctx, lambda: read_seeds(cfg, ctx, seed_store, seed_rows), seed_store, embed_seeds,
+        seeds = _mended(ctx, lambda: read_seeds(cfg, ctx, seed_listing, seed_store, seed_rows), seed_store, embed_seeds,
                         "retrieval seeds: ")
 
         # The vectors stay mapped and each image's metadata in its chunk, read a chunk at a time:

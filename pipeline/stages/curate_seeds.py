@@ -14,7 +14,6 @@ from data_curation.knn import RowSet
 from data_curation.listing import Listing, log_problems
 from data_curation.retrieval import retrieval_picks
 from data_curation.sources import SourceError
-from data_curation.storage import Storage
 from orchestration.stage import StageContext
 
 SEED_LISTING, SEED_EMBEDDINGS = "seed_listing", "seed_embeddings"  # in the work folder, beside the pool's
@@ -47,7 +46,8 @@ def list_seeds(cfg, ctx: StageContext, listing: Listing) -> dict[int, int]:
                           + (f" ({skipped})" if skipped else ""))
     return rows
 
-def read_seeds(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[int, int]) -> Seeds:
+
+def read_seeds(cfg, ctx: StageContext, listing: Listing, seed_store: ChunkStore, seed_rows: dict[int, int]) -> Seeds:
     """The embedded seeds, right after they are embedded. Seeds are decoded with the pool's
     limits: a rejected seed is logged with its reason, and none left is an error at once (the
     pool's chunks stay; the seeds' listing and chunks go, so that the next attempt reads the
@@ -62,7 +62,7 @@ def read_seeds(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[i
                              sorted(Counter(reason for _, reason in turned_away).items())))
     if chunks and seeds.used == 0:
         seed_store.clear()
-        ctx.storage.rm(Storage.join(ctx.work_dir, SEED_LISTING), recursive=True)
+        listing.storage.rm(listing.root, recursive=True)
         raise ValueError(f"curate.retrieval.seeds {cfg.retrieval.seeds}: none of the {seeds.listed} "
                          f"seed images could be used; rejected: {seeds.rejected}")
     for uri, reason in turned_away[:_LOGGED]:
@@ -70,6 +70,7 @@ def read_seeds(cfg, ctx: StageContext, seed_store: ChunkStore, seed_rows: dict[i
     if len(turned_away) > _LOGGED:
         ctx.log(f"retrieval seeds: ... and {len(turned_away) - _LOGGED} more rejected")
     return seeds
+
 
 def retrieve(cfg, ctx: StageContext, chunks: list[Chunk], kept: np.ndarray, seeds: Seeds) -> np.ndarray:
     """Positions among kept rows of the k nearest pool images of each seed image used."""
