@@ -187,7 +187,10 @@ class DamagedChunks(ValueError):
 # What reading a damaged chunk raises: pyarrow's on a file that is not Parquet (ArrowInvalid, a
 # ValueError), numpy's on a cut header or a file shorter than its header says, a file that is
 # gone, and pyarrow's OSError on a damaged page or footer of bytes already read (see
-# parsing_damage). Not among them: StorageError (the store failing), out-of-memory and the like.
+# parsing_damage), a page whose CRC does not match included: chunk and listing Parquet is written
+# with page checksums and read verifying them, so a flipped bit in a value is found, not read as
+# another value (chunks written before have none and are read as they are). Not among them:
+# StorageError (the store failing), out-of-memory and the like.
 DAMAGE = (ValueError, EOFError, FileNotFoundError)
 
 
@@ -231,7 +234,8 @@ class ChunkStore:
         self.storage.write_bytes(f"{base}.copy.npy", _npy_bytes(np.asarray(rows["copy"])[accepted]))
         buf = io.BytesIO()
         table = meta_table(rows)
-        pq.write_table(table.replace_schema_metadata({_GENERATION_KEY: uuid.uuid4().hex.encode()}), buf)
+        pq.write_table(table.replace_schema_metadata({_GENERATION_KEY: uuid.uuid4().hex.encode()}), buf,
+                       write_page_checksum=True)
         self.storage.write_bytes(f"{base}.parquet", buf.getvalue())
 
     def clear(self) -> None:
@@ -284,14 +288,15 @@ class ChunkStore:
         generation = (schema.metadata or {}).get(_GENERATION_KEY)
         generation = generation.decode() if generation else None
         if columns is None:
-            table = with_later_columns(_without_metadata(pq.read_table(data)))
+            table = with_later_columns(_without_metadata(pq.read_table(data, page_checksum_verification=True)))
         else:
-            table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS])
+            table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS],
+                                  page_checksum_verification=True)
             table = with_later_columns(_without_metadata(table)).select(list(columns))
         accepted = None
         if count_accepted:  # from the columns read when they hold the reasons, else from that column alone
             reasons = (table["reject_reason"] if "reject_reason" in table.column_names
-                       else pq.read_table(data, columns=["reject_reason"]).column(0))
+                       else pq.read_table(data, columns=["reject_reason"], page_checksum_verification=True).column(0))
             accepted = reasons.null_count
         return table, generation, accepted
 

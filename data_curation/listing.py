@@ -53,7 +53,7 @@ def read_chunk(uri: str, index: int, rows: int, storage: Storage) -> pa.Table:
     try:
         data = storage.read_bytes(uri)
         with parsing_damage():
-            table = pq.read_table(io.BytesIO(data))
+            table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
     except DAMAGE as exc:
         raise DamagedListing(uri, index, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
     if table.num_rows != rows:
@@ -162,7 +162,7 @@ class Listing:
         where = {"sources": self._digest(), "chunk_size": self.chunk_size, "cursor": cursor.to_json(),
                  "format": _FORMAT, "short": short}
         buf = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata({_WHERE: json.dumps(where)}), buf)
+        pq.write_table(table.replace_schema_metadata({_WHERE: json.dumps(where)}), buf, write_page_checksum=True)
         self.storage.write_bytes(self.chunk(index), buf.getvalue())
 
     def _footer(self, index: int) -> pq.FileMetaData | None:

@@ -144,7 +144,7 @@ def _chunk_rows(value: float, n: int) -> dict[str, np.ndarray]:
 
 def test_a_damaged_chunk_is_named_with_its_reason_and_removed_whole(tmp_path):
     store = ChunkStore(str(tmp_path))
-    for index in range(7):
+    for index in range(8):
         store.write(index, _chunk_rows(float(index), 3))
     cut = tmp_path / "chunk-000001.embedding.npy"
     os.truncate(cut, os.path.getsize(cut) - 4)
@@ -157,19 +157,23 @@ def test_a_damaged_chunk_is_named_with_its_reason_and_removed_whole(tmp_path):
     flipped = bytearray((tmp_path / "chunk-000006.parquet").read_bytes())
     flipped[4] ^= 0xFF  # the first page's header: pyarrow raises OSError, not ValueError
     (tmp_path / "chunk-000006.parquet").write_bytes(bytes(flipped))
+    store.write(7, {**_chunk_rows(7.0, 3), "uri": np.array(["alpha.png", "bravo.png", "charlie.png"], dtype=object)})
+    valued = (tmp_path / "chunk-000007.parquet").read_bytes()
+    at = valued.index(b"bravo")  # a bit of a value: without page checksums, read as "bsavo.png"
+    (tmp_path / "chunk-000007.parquet").write_bytes(valued[:at + 1] + bytes([valued[at + 1] ^ 0x01]) + valued[at + 2:])
     with pytest.raises(DamagedChunks, match=r"chunk-000001 is damaged: ValueError: mmap length"):
         store.read(1)
     read: list[int] = []
     with pytest.raises(DamagedChunks) as caught:  # once the sound chunks are read, naming every damaged one
-        for chunk in store.read_each(range(7), ("uri",), damage_at_end=True):
+        for chunk in store.read_each(range(8), ("uri",), damage_at_end=True):
             read.append(chunk.index)
     assert read == [0]
     exc, damaged = caught.value, caught.value.damaged
-    assert sorted(damaged) == [1, 2, 3, 4, 5, 6]
+    assert sorted(damaged) == [1, 2, 3, 4, 5, 6, 7] and "checksum" in damaged[7].lower()
     assert "FileNotFoundError" in damaged[2] and "ArrowInvalid" in damaged[3] and "EOFError" in damaged[5]
     assert damaged[4] == "its embedding vectors have shape (3, 4), for 2 accepted images"
     assert damaged[6].startswith("ValueError: ")
-    assert str(exc).startswith(f"{tmp_path / 'chunk-000001'} is damaged") and str(exc).endswith("(and 5 more chunks)")
+    assert str(exc).startswith(f"{tmp_path / 'chunk-000001'} is damaged") and str(exc).endswith("(and 6 more chunks)")
     store.remove(damaged)
     assert store.done() == {0} and sorted(p.name for p in tmp_path.iterdir()) == [
         "chunk-000000.copy.npy", "chunk-000000.embedding.npy", "chunk-000000.parquet"]

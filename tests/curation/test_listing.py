@@ -43,13 +43,18 @@ def test_damaged_listing_chunks_are_listed_again_from_the_chunk_before_them(tmp_
     chunk[1].write_bytes(b"not parquet")
     chunk[2].write_bytes(chunk[2].read_bytes()[:-20])  # cut short
     chunk[4].unlink()  # the last one, removed
-    untouched = {i: chunk[i].stat().st_mtime_ns for i in (0, 3)}
-    for index, reason in ((1, "ArrowInvalid"), (2, "ArrowInvalid"), (4, "FileNotFoundError")):
+    untouched = {i: chunk[i].stat().st_mtime_ns for i in (0,)}
+    data = chunk[3].read_bytes()
+    at = data.index(b"a6")  # a bit of a value: without page checksums, read as another URI
+    chunk[3].write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
+    for index, reason in ((1, "ArrowInvalid"), (2, "ArrowInvalid"), (3, "ValueError: .*checksum"),
+                          (4, "FileNotFoundError")):
         with pytest.raises(DamagedListing, match=f"chunk-00000{index}.parquet is damaged: {reason}"):
             listing.read(index, rows[index])
-    assert listing.mend(rows, 1) == [1, 2, 4]  # the one a reader met, and those whose metadata is damaged
+    # The one a reader met, those whose footer is damaged, and those a run reaches while listing again.
+    assert listing.mend(rows, 1) == [1, 2, 3, 4]
     assert _written(listing, rows) == whole  # the same rows, tar spans included, and the same cursors
-    assert {i: chunk[i].stat().st_mtime_ns for i in (0, 3)} == untouched
+    assert {i: chunk[i].stat().st_mtime_ns for i in (0,)} == untouched
 
 
 class CountingWrites(Storage):
