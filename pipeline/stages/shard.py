@@ -8,6 +8,7 @@ Sources are sized and groups of shards written by Ray tasks.
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,12 +58,26 @@ def ray_run_all(log: Callable[[str], None]):
                     raise
                 log(f"{fn.__name__}: {len(refs) - len(pending)}/{len(refs)} tasks done")
         except BaseException:  # a failed task, or an interrupt
-            for ref in pending:  # killed, not asked: a polite cancel waits for I/O; their writes are atomic
-                ray.cancel(ref, force=True)
+            _stop(pending, log)
             raise
         return ray.get(refs)
 
     return run_all
+
+
+def _stop(refs: list, log: Callable[[str], None], patience_s: float = 30.0) -> None:
+    """Kill the tasks of ``refs`` and wait until each has ended. Killed, not asked: a polite
+    cancel waits for I/O, and their writes are atomic. A cancel that meets a task while it is
+    being handed to a worker can miss it (Ray 2.60, about one call in four here: the task then
+    ran its whole course), so the tasks not ended after a second are cancelled again."""
+    deadline = time.monotonic() + patience_s
+    while refs:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        if refs and time.monotonic() > deadline:
+            log(f"warning: {len(refs)} cancelled task{'s' * (len(refs) != 1)} still running after {patience_s:g} s")
+            return
 
 
 def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> int:
