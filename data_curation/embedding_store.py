@@ -205,6 +205,19 @@ def parsing_damage() -> Iterator[None]:
         raise ValueError(str(exc).strip() or type(exc).__name__) from exc
 
 
+def parquet_bytes(table: pa.Table, metadata: dict) -> bytes:
+    """``table``, its schema metadata replaced by ``metadata``, as Parquet bytes with a checksum
+    on every page (read back by :func:`read_parquet`)."""
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), buf, write_page_checksum=True)
+    return buf.getvalue()
+
+
+def read_parquet(source, columns: Sequence[str] | None = None) -> pa.Table:
+    """``pq.read_table`` verifying the page checksums (a page that has none is read as it is)."""
+    return pq.read_table(source, columns=columns, page_checksum_verification=True)
+
+
 @dataclass
 class Chunk:
     index: int
@@ -232,11 +245,8 @@ class ChunkStore:
         base = Storage.join(self.root, chunk_name(index))
         self.storage.write_bytes(f"{base}.embedding.npy", _npy_bytes(np.asarray(rows["embedding"])[accepted]))
         self.storage.write_bytes(f"{base}.copy.npy", _npy_bytes(np.asarray(rows["copy"])[accepted]))
-        buf = io.BytesIO()
-        table = meta_table(rows)
-        pq.write_table(table.replace_schema_metadata({_GENERATION_KEY: uuid.uuid4().hex.encode()}), buf,
-                       write_page_checksum=True)
-        self.storage.write_bytes(f"{base}.parquet", buf.getvalue())
+        self.storage.write_bytes(f"{base}.parquet",
+                                 parquet_bytes(meta_table(rows), {_GENERATION_KEY: uuid.uuid4().hex.encode()}))
 
     def clear(self) -> None:
         """Remove every chunk and its local copies."""
@@ -288,15 +298,14 @@ class ChunkStore:
         generation = (schema.metadata or {}).get(_GENERATION_KEY)
         generation = generation.decode() if generation else None
         if columns is None:
-            table = with_later_columns(_without_metadata(pq.read_table(data, page_checksum_verification=True)))
+            table = with_later_columns(_without_metadata(read_parquet(data)))
         else:
-            table = pq.read_table(data, columns=[c for c in columns if c in schema.names or c not in LATER_COLUMNS],
-                                  page_checksum_verification=True)
+            table = read_parquet(data, [c for c in columns if c in schema.names or c not in LATER_COLUMNS])
             table = with_later_columns(_without_metadata(table)).select(list(columns))
         accepted = None
         if count_accepted:  # from the columns read when they hold the reasons, else from that column alone
             reasons = (table["reject_reason"] if "reject_reason" in table.column_names
-                       else pq.read_table(data, columns=["reject_reason"], page_checksum_verification=True).column(0))
+                       else read_parquet(data, ["reject_reason"]).column(0))
             accepted = reasons.null_count
         return table, generation, accepted
 

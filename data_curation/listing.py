@@ -12,6 +12,7 @@ after its last row, so that
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -25,7 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_curation.embedding_store import DAMAGE, chunk_indices, chunk_name, parsing_damage
+from data_curation.embedding_store import (
+    DAMAGE,
+    chunk_indices,
+    chunk_name,
+    parquet_bytes,
+    parsing_damage,
+    read_parquet,
+)
 from data_curation.progress import Progress
 from data_curation.sources import Listed, ListingCursor, ListingProblems, SourceError, iter_listed
 from data_curation.storage import Storage
@@ -53,7 +61,7 @@ def read_chunk(uri: str, index: int, rows: int, storage: Storage) -> pa.Table:
     try:
         data = storage.read_bytes(uri)
         with parsing_damage():
-            table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
+            table = read_parquet(io.BytesIO(data))
     except DAMAGE as exc:
         raise DamagedListing(uri, index, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
     if table.num_rows != rows:
@@ -134,11 +142,12 @@ class Listing:
         before it. Returns the chunks written. Raises :class:`SourceError` when the sources no
         longer list the same way around a run (they changed since they were listed): its chunks
         then cannot be listed again alone."""
-        bad = {damaged} | {i for i in rows if not self._sound(i, rows[i])}
+        footers = {i: self._footer(i) for i in rows}
+        bad = {damaged} | {i for i in rows if not self._sound(footers[i], i, rows[i])}
         done = -1  # the last chunk written: a run that grew into the next one has listed it already
         for first in sorted(i for i in bad if i - 1 not in bad):
             if first > done:
-                done = self._relist_from(first, rows, bad)
+                done = self._relist_from(first, rows, bad, footers.get(first - 1))
         return sorted(bad)
 
     # -- internals ---------------------------------------------------------------------
@@ -146,7 +155,9 @@ class Listing:
         return iter_listed(self.sources, self.storage, sniff=self.sniff, uri_column=self.uri_column,
                            problems=problems, cursor=cursor)
 
+    @functools.cached_property
     def _digest(self) -> str:
+        """The sources' hash, stored in each chunk's footer."""
         return hashlib.sha256(json.dumps(self.sources).encode()).hexdigest()
 
     def _write_chunk(self, index: int, batch: list[Listed], cursor: ListingCursor, rows: dict[int, int]) -> None:
@@ -159,11 +170,9 @@ class Listing:
                           "span_start": pa.array([item.span[0] if item.span else -1 for item in batch], pa.int64()),
                           "span_end": pa.array([item.span[1] if item.span else -1 for item in batch], pa.int64())})
         short = {str(i): n for i, n in rows.items() if i <= index and n < self.chunk_size}
-        where = {"sources": self._digest(), "chunk_size": self.chunk_size, "cursor": cursor.to_json(),
+        where = {"sources": self._digest, "chunk_size": self.chunk_size, "cursor": cursor.to_json(),
                  "format": _FORMAT, "short": short}
-        buf = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata({_WHERE: json.dumps(where)}), buf, write_page_checksum=True)
-        self.storage.write_bytes(self.chunk(index), buf.getvalue())
+        self.storage.write_bytes(self.chunk(index), parquet_bytes(table, {_WHERE: json.dumps(where)}))
 
     def _footer(self, index: int) -> pq.FileMetaData | None:
         """Chunk ``index``'s Parquet footer; None when it cannot be read."""
@@ -182,13 +191,12 @@ class Listing:
 
     def _ours(self, where: dict) -> bool:
         """Whether a chunk is of this listing, not one of other sources, chunk size or format."""
-        return (where.get("sources") == self._digest() and where.get("chunk_size") == self.chunk_size
+        return (where.get("sources") == self._digest and where.get("chunk_size") == self.chunk_size
                 and where.get("format") == _FORMAT)
 
-    def _sound(self, index: int, rows: int) -> bool:
-        """Whether chunk ``index`` looks whole from its footer: readable, of this listing, with
-        ``rows`` rows, all of them (by the column statistics) rows of chunk ``index``."""
-        footer = self._footer(index)
+    def _sound(self, footer: pq.FileMetaData | None, index: int, rows: int) -> bool:
+        """Whether chunk ``index`` looks whole from its ``footer`` (None: unreadable): of this
+        listing, with ``rows`` rows, all of them (by the column statistics) rows of chunk ``index``."""
         if footer is None or footer.num_rows != rows or (where := self._where(footer)) is None or not self._ours(where):
             return False
         names = footer.schema.names
@@ -221,13 +229,14 @@ class Listing:
             return rows, ListingCursor.from_json(where["cursor"])
         return {}, ListingCursor()
 
-    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int]) -> int:
+    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int], before: pq.FileMetaData | None) -> int:
         """Write chunks ``index``, ``index + 1``, ... while they are in ``bad``, from where the
-        chunk before them left the listing; the next image listed must then be the first of
-        the next chunk (or none, after the last). Returns the last chunk written."""
+        chunk before them left the listing (``before``: its footer, sound, as it is not in bad;
+        None for chunk 0); the next image listed must then be the first of the next chunk (or
+        none, after the last). Returns the last chunk written."""
         cursor = ListingCursor()
-        if index:  # the chunk before is sound: not in bad
-            cursor = ListingCursor.from_json(self._where(self._footer(index - 1))["cursor"])
+        if index:
+            cursor = ListingCursor.from_json(self._where(before)["cursor"])
         items = self._items(cursor.problems.copy(), cursor)
         while True:
             batch = list(itertools.islice(items, rows[index]))
@@ -240,20 +249,16 @@ class Listing:
             self._write_chunk(index, batch, cursor if following is None and len(batch) < self.chunk_size else after,
                               rows)
             index += 1
+            head = None  # after the last chunk: the sources must have run out
+            if index in rows and index not in bad:
+                try:
+                    head = self.read(index, rows[index]).column("uri")[0].as_py()
+                except DamagedListing:  # listed again with the others
+                    bad.add(index)
             if index in bad:
                 items = itertools.chain([] if following is None else [following], items)
                 continue
-            if index not in rows:
-                if following is not None:
-                    self._changed(index - 1)
-                return index - 1
-            try:
-                head = self.read(index, rows[index]).column("uri")[0].as_py()
-            except DamagedListing:  # listed again with the others
-                bad.add(index)
-                items = itertools.chain([] if following is None else [following], items)
-                continue
-            if following is None or following.uri != head:
+            if (None if following is None else following.uri) != head:
                 self._changed(index - 1)
             return index - 1
 
