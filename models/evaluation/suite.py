@@ -20,13 +20,14 @@ from data_curation.storage import Storage
 from models.evaluation.copies import make_copies
 from models.evaluation.encode import BackboneSource, Encoded, encode_images
 from models.evaluation.features import Features, pixel_features
-from models.evaluation.knn import knn_classify
+from models.evaluation.knn import cosine_spread, knn_classify
 from models.evaluation.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from models.evaluation.pca_maps import pca_rgb, save_pca_grid
 from models.evaluation.report import (
     NO_TRAINED_NOTE,
     RANDOM_INIT,
     RAW_PIXELS,
+    TIE_METRIC,
     TRAINED,
     add_gains,
     render_report_table,
@@ -160,6 +161,7 @@ def _protocols(train: np.ndarray, test: np.ndarray, probe_train: np.ndarray, pro
                                 val_fraction=settings.val_fraction, seed=settings.seed))
     metrics.update(retrieval_map(train, y_train, test, y_test))
     metrics.update(copy_detection(copies, test[:len(copies)], train))
+    metrics[TIE_METRIC] = cosine_spread(train, seed=settings.seed)  # whether the three above rank ties
     return metrics
 
 

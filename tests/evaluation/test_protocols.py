@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from models.evaluation.knn import knn_classify
+from models.evaluation.knn import cosine_spread, knn_classify
 from models.evaluation.linear_probe import linear_probe
+from models.evaluation.report import TIED_SPREAD
 from models.evaluation.retrieval import copy_detection, retrieval_map
 
 
@@ -97,3 +98,18 @@ def test_copy_detection_finds_near_copies_and_not_random_ones():
     assert near["copy_recall1"] == 1.0 and near["copy_map"] == 1.0
     unrelated = copy_detection(rng.normal(size=(40, 16)), originals, distractors)
     assert unrelated["copy_recall1"] < 0.2
+
+
+def test_cosine_spread_tells_features_from_rows_alike_to_within_rounding():
+    train, _, _, _ = separable()
+    assert cosine_spread(train) > 0.1
+    # One vector with float32 rounding noise: what a ViT at init gives as every image's CLS token.
+    rng = np.random.default_rng(0)
+    alike = (rng.normal(size=32) + 1e-7 * rng.normal(size=(200, 32))).astype(np.float32)
+    assert cosine_spread(alike) < TIED_SPREAD
+    assert knn_classify(alike[:100], np.arange(100) % 4, alike[100:], np.arange(100) % 4)["knn_k10_top1"] < 0.5
+    # Past `pairs`, a seeded sample of pairs: close to every pair, and the same twice.
+    many = np.concatenate([separable(seed=s)[0] for s in range(4)])  # 960 rows, 460k pairs
+    assert cosine_spread(many, pairs=20_000) == pytest.approx(cosine_spread(many, pairs=10**6), rel=0.05)
+    assert cosine_spread(many, pairs=1000, seed=3) == cosine_spread(many, pairs=1000, seed=3)
+    assert cosine_spread(many[:1]) == 0.0
