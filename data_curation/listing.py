@@ -1,8 +1,8 @@
 """A listing: image sources streamed into chunks of URIs, the unit that curation embeds.
 
 A listing is a folder of Parquet chunks (chunk, row, uri, and span_start and span_end, a tar
-member's byte span in its tar, -1 for none) and ``_DONE.json`` once complete (rows per chunk
-and what listing skipped). Each chunk carries in its Parquet metadata where the listing stood
+member's byte span in its tar, -1 for none) and ``_DONE.json`` once complete (rows per chunk,
+the URI listed last and what listing skipped). Each chunk carries in its Parquet metadata where the listing stood
 after its last row, so that
 
 - a listing stopped part way picks up after its last whole chunk (:meth:`Listing.write`);
@@ -123,14 +123,17 @@ class Listing:
                 images = sum(rows.values())
                 log(f"listing: {images} images in {len(rows)} chunks so far, {progress.rate(images):.0f} images/s")
 
+        last = None  # the URI listed last: mend tells by it sources that grew after the listing from others
         for item in self._items(problems, cursor):
             batch.append(item)
+            last = item.uri
             if len(batch) == self.chunk_size:
                 flush()
         if batch:
             flush()
         if rows:  # an empty listing is not kept: the next attempt lists the sources again, once they are fixed
-            self.storage.write_json(done_uri, {"rows": rows, **problems.to_json()})
+            self.storage.write_json(done_uri, {"rows": rows, "last_uri": last or self._last_uri(rows),
+                                               **problems.to_json()})
         return rows, problems
 
     def read(self, index: int, rows: int) -> pa.Table:
@@ -141,13 +144,14 @@ class Listing:
         chunk) whose metadata cannot be read or does not match, each run of them from the chunk
         before it. Returns the chunks written. Raises :class:`SourceError` when the sources no
         longer list the same way around a run (they changed since they were listed): its chunks
-        then cannot be listed again alone."""
+        then cannot be listed again alone. Images that list after the last image of a finished
+        listing are new ones, which it leaves out as it did before (its last chunk is mended)."""
         footers = {i: self._footer(i) for i in rows}
         bad = {damaged} | {i for i in rows if not self._sound(footers[i], i, rows[i])}
         done = -1  # the last chunk written: a run that grew into the next one has listed it already
         for first in sorted(i for i in bad if i - 1 not in bad):
             if first > done:
-                done = self._relist_from(first, rows, bad, footers.get(first - 1))
+                done = self._relist_from(first, rows, bad, footers.get(first - 1), self._finished_at())
         return sorted(bad)
 
     # -- internals ---------------------------------------------------------------------
@@ -229,11 +233,14 @@ class Listing:
             return rows, ListingCursor.from_json(where["cursor"])
         return {}, ListingCursor()
 
-    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int], before: pq.FileMetaData | None) -> int:
+    def _relist_from(self, index: int, rows: dict[int, int], bad: set[int], before: pq.FileMetaData | None,
+                     finished_at: str | None) -> int:
         """Write chunks ``index``, ``index + 1``, ... while they are in ``bad``, from where the
         chunk before them left the listing (``before``: its footer, sound, as it is not in bad;
-        None for chunk 0); the next image listed must then be the first of the next chunk (or
-        none, after the last). Returns the last chunk written."""
+        None for chunk 0); the next image listed must then be the first of the next chunk. The
+        last chunk must end at ``finished_at``, the URI a finished listing listed last (see
+        :meth:`_finished_at`), whatever lists after it; without it, nothing may list after it.
+        Returns the last chunk written."""
         cursor = ListingCursor()
         if index:
             cursor = ListingCursor.from_json(self._where(before)["cursor"])
@@ -258,9 +265,30 @@ class Listing:
             if index in bad:
                 items = itertools.chain([] if following is None else [following], items)
                 continue
-            if (None if following is None else following.uri) != head:
+            if index not in rows and finished_at is not None:  # the last chunk ends where the listing did
+                changed = batch[-1].uri != finished_at  # (and images listed after it are new ones)
+            else:
+                changed = (None if following is None else following.uri) != head
+            if changed:
                 self._changed(index - 1)
             return index - 1
+
+    def _finished_at(self) -> str | None:
+        """The URI a finished listing listed last (kept in _DONE.json); None when it is not
+        finished, or finished before the URI was kept, or its _DONE.json cannot be read."""
+        try:
+            done = self.storage.read_json(Storage.join(self.root, _DONE))
+            return done.get("last_uri") if isinstance(done, dict) else None
+        except DAMAGE:
+            return None
+
+    def _last_uri(self, rows: dict[int, int]) -> str | None:
+        """The URI of the last row of the last chunk (None when that chunk is damaged)."""
+        last = max(rows)
+        try:
+            return self.read(last, rows[last]).column("uri")[-1].as_py()
+        except DamagedListing:
+            return None
 
     def _changed(self, index: int) -> NoReturn:
         raise SourceError(f"listing chunk {self.chunk(index)} was damaged, and the sources no longer list the "

@@ -112,3 +112,31 @@ def test_a_damaged_chunk_of_sources_that_changed_around_it_is_an_error_naming_fo
     Path(listing.chunk(4)).write_bytes(b"not parquet")
     with pytest.raises(SourceError, match="chunk-000004.parquet was damaged"):
         listing.mend(rows, 4)
+
+
+def test_the_damaged_last_chunk_of_a_finished_listing_is_mended_after_the_sources_grew(tmp_path):
+    pool = _pool(tmp_path / "pool")
+    listing = Listing([str(pool)], str(tmp_path / "listing"), Storage(), 2)
+    rows, _ = listing.write()
+    whole = _written(listing, rows)
+    assert json.loads((tmp_path / "listing" / "_DONE.json").read_text())["last_uri"] == whole[4][0][0]["uri"]
+    (pool / "zz.png").write_bytes((pool / "a0.png").read_bytes())  # new: lists after the last chunk's image
+    Path(listing.chunk(4)).write_bytes(b"not parquet")
+    assert listing.mend(rows, 4) == [4]
+    assert _written(listing, rows)[4][0] == whole[4][0]  # the same rows (its cursor now points at zz.png)
+    assert listing.write()[0] == rows  # still the finished listing: the new image is left out, as before
+    # The last image gone and others in its place: not the listing that finished.
+    (pool / "z.tar").unlink()
+    (pool / "zz2.png").write_bytes((pool / "a0.png").read_bytes())
+    Path(listing.chunk(4)).write_bytes(b"not parquet")
+    with pytest.raises(SourceError, match="chunk-000004.parquet was damaged"):
+        listing.mend(rows, 4)
+
+
+def test_a_listing_finished_after_a_pick_up_keeps_its_last_uri(tmp_path):
+    listing = Listing([str(_pool(tmp_path / "pool"))], str(tmp_path / "listing"), Storage(), 2)
+    rows, _ = listing.write()
+    last = json.loads((tmp_path / "listing" / "_DONE.json").read_text())["last_uri"]
+    (tmp_path / "listing" / "_DONE.json").unlink()  # killed after its last chunk: nothing is left to list
+    assert listing.write()[0] == rows
+    assert json.loads((tmp_path / "listing" / "_DONE.json").read_text())["last_uri"] == last
