@@ -22,7 +22,7 @@ from data_curation.shards.verify import verify_shards
 from data_curation.shards.writer import RetryPolicy, ShardUploadError
 from data_curation.storage import Storage
 from orchestration.engine import CONFIG_FILE
-from orchestration.ray_runtime import remote_cause
+from orchestration.ray_runtime import error_line, remote_cause
 from orchestration.rundir import RunDir
 from orchestration.stage import Resources, Stage, StageContext
 
@@ -66,18 +66,26 @@ def ray_run_all(log: Callable[[str], None]):
 
 
 def _stop(refs: list, log: Callable[[str], None], patience_s: float = 30.0) -> None:
-    """Kill the tasks of ``refs`` and wait until each has ended. Killed, not asked: a polite
-    cancel waits for I/O, and their writes are atomic. A cancel that meets a task while it is
-    being handed to a worker can miss it (Ray 2.60, about one call in four here: the task then
-    ran its whole course), so the tasks not ended after a second are cancelled again."""
+    """Kill the tasks of ``refs`` and wait until each has ended, before the error that stopped
+    them is raised. Killed, not asked: a polite cancel waits for I/O, and their writes are
+    atomic. A cancel that meets a task while it is being handed to a worker can miss it (Ray
+    2.60, about one call in four here: the task then ran its whole course), so the tasks not
+    ended after a second are cancelled again. An interrupt while waiting ends the wait, and
+    Ray's own failure is a warning: neither may hide the error being raised."""
     deadline = time.monotonic() + patience_s
-    while refs:
+    try:
+        while refs:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0, fetch_local=False)
+            if refs and time.monotonic() > deadline:
+                log(f"warning: {len(refs)} cancelled task{'s' * (len(refs) != 1)} still running after {patience_s:g} s")
+                return
+    except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref, force=True)
-        _, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-        if refs and time.monotonic() > deadline:
-            log(f"warning: {len(refs)} cancelled task{'s' * (len(refs) != 1)} still running after {patience_s:g} s")
-            return
+    except Exception as exc:  # the cluster failing too: the error that stopped the tasks is the one to see
+        log(f"warning: could not stop {len(refs)} task{'s' * (len(refs) != 1)}: {error_line(exc)}")
 
 
 def verify_cli(run_dir: str, storage: Storage, log: Callable[[str], None]) -> int:
