@@ -49,16 +49,17 @@ def knn_classify(train_features: np.ndarray | torch.Tensor, train_labels: np.nda
     return {f"knn_k{k}_top{top}": hits / n_test for (k, top), hits in correct.items()}
 
 
-def cosine_spread(features: np.ndarray | torch.Tensor, pairs: int = 20_000, seed: int = 0) -> float:
+def cosine_spread(features: np.ndarray | torch.Tensor, pairs: int = 20_000, seed: int = 0,
+                  block: int = 2048) -> float:
     """The standard deviation of the cosine similarity between two distinct rows of ``features``
     (every pair, or ``pairs`` drawn at random when there are more), computed in float64.
 
-    Features that tell images apart spread by a few hundredths or more (raw digit pixels 0.14).
-    Rows alike to within float32 rounding spread by far less, and the nearest-neighbour rankings
-    made of them in float32 are ties: a ViT at init with layer scale 1e-5 gives every image the
-    same CLS token (the normed class-token parameter, 6e-12 here), as its blocks barely add to it."""
-    x = torch.as_tensor(features).double()
-    x = F.normalize(x, dim=1)
+    Features that tell images apart spread by a few hundredths or more (raw digit pixels 0.14),
+    and k-NN in float32 still tells them apart down to about 1e-7. Below about 1e-8 the rows are
+    alike to within float32 rounding, and its rankings are ties: a ViT at init with layer scale
+    1e-5 gives every image the same CLS token (the normed class-token parameter, 6e-12 here), as
+    its blocks barely add to it."""
+    x = torch.as_tensor(features)
     n = x.shape[0]
     if n < 2:
         return 0.0
@@ -68,4 +69,7 @@ def cosine_spread(features: np.ndarray | torch.Tensor, pairs: int = 20_000, seed
         generator = torch.Generator().manual_seed(seed)
         i = torch.randint(n, (pairs,), generator=generator)
         j = (i + torch.randint(1, n, (pairs,), generator=generator)) % n  # never i
-    return float((x[i] * x[j]).sum(dim=1).std())
+    # In blocks of pairs, each made float64 alone: 20k pairs of 3072-dim pixels would be 1 GB at once.
+    cosines = torch.cat([(F.normalize(x[a].double(), dim=1) * F.normalize(x[b].double(), dim=1)).sum(dim=1)
+                         for a, b in zip(i.split(block), j.split(block), strict=True)])
+    return float(cosines.std())

@@ -73,8 +73,8 @@ def test_without_a_checkpoint_the_report_says_so(tmp_path):
     # vit_test at init (layer scale 1e-5) gives every image the same CLS token: its k-NN ranks ties, and
     # the report says so for that column only.
     assert metrics["random_init"]["cls_cosine_spread"] < TIED_SPREAD < metrics["raw_pixels"]["cls_cosine_spread"]
-    assert "builtin:lfw, random init: the CLS features are alike to within float32 rounding" in table
-    assert "raw pixels: the CLS" not in table and "| cls_cosine_spread |" not in table
+    assert "builtin:lfw, random init: the k-NN features are alike to within float32 rounding" in table
+    assert "raw pixels: the k-NN" not in table and "| cls_cosine_spread |" not in table
 
 
 def test_checkpoint_of_another_architecture_is_a_one_line_error(hf_folder, tmp_path):

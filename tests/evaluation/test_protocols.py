@@ -101,15 +101,20 @@ def test_copy_detection_finds_near_copies_and_not_random_ones():
 
 
 def test_cosine_spread_tells_features_from_rows_alike_to_within_rounding():
-    train, _, _, _ = separable()
+    train, y_train, test, y_test = separable()
     assert cosine_spread(train) > 0.1
-    # One vector with float32 rounding noise: what a ViT at init gives as every image's CLS token.
+    # The same features shrunk onto one unit vector: k-NN in float32 tells them apart at a spread of
+    # 3.5e-6 and is at chance at 3.5e-10, which TIED_SPREAD (1e-8) calls ties.
     rng = np.random.default_rng(0)
-    alike = (rng.normal(size=32) + 1e-7 * rng.normal(size=(200, 32))).astype(np.float32)
-    assert cosine_spread(alike) < TIED_SPREAD
-    assert knn_classify(alike[:100], np.arange(100) % 4, alike[100:], np.arange(100) % 4)["knn_k10_top1"] < 0.5
-    # Past `pairs`, a seeded sample of pairs: close to every pair, and the same twice.
+    common = rng.normal(size=32)
+    common /= np.linalg.norm(common)
+    for scale, tied in ((1e-4, False), (1e-6, True)):
+        shrunk_train, shrunk_test = ((common + scale * x).astype(np.float32) for x in (train, test))
+        assert (cosine_spread(shrunk_train) < TIED_SPREAD) == tied
+        top1 = knn_classify(shrunk_train, y_train, shrunk_test, y_test)["knn_k10_top1"]
+        assert top1 < 0.3 if tied else top1 == 1.0
+    # Past `pairs`, a seeded sample of pairs: close to every pair.
     many = np.concatenate([separable(seed=s)[0] for s in range(4)])  # 960 rows, 460k pairs
     assert cosine_spread(many, pairs=20_000) == pytest.approx(cosine_spread(many, pairs=10**6), rel=0.05)
-    assert cosine_spread(many, pairs=1000, seed=3) == cosine_spread(many, pairs=1000, seed=3)
+    assert cosine_spread(many, pairs=20_000, block=512) == pytest.approx(cosine_spread(many, pairs=20_000))
     assert cosine_spread(many[:1]) == 0.0
