@@ -2,8 +2,8 @@
 
 A listing is a folder of Parquet chunks (chunk, row, uri, and span_start and span_end, a tar
 member's byte span in its tar, -1 for none) and ``_DONE.json`` once complete (rows per chunk,
-the URI listed last and what listing skipped). Each chunk carries in its Parquet metadata where the listing stood
-after its last row, so that
+the URI listed last and what listing skipped). Each chunk carries in its Parquet metadata
+where the listing stood after its last row, so that
 
 - a listing stopped part way picks up after its last whole chunk (:meth:`Listing.write`);
 - a chunk found damaged later (a disk fault, a file cut short or removed by hand) is listed
@@ -102,7 +102,7 @@ class Listing:
         (default :data:`~data_curation.progress.PROGRESS_EVERY_S`) while listing."""
         done_uri = Storage.join(self.root, _DONE)
         try:
-            done = self.storage.read_json(done_uri) if self.storage.exists(done_uri) else {}
+            done = self._done() if self.storage.exists(done_uri) else {}
         except ValueError as exc:  # damaged: the listing goes on after its last whole chunk, as if it had none
             log(f"warning: {done_uri} is damaged ({type(exc).__name__}): reading the listing's chunks instead")
             done = {}
@@ -148,10 +148,14 @@ class Listing:
         listing are new ones, which it leaves out as it did before (its last chunk is mended)."""
         footers = {i: self._footer(i) for i in rows}
         bad = {damaged} | {i for i in rows if not self._sound(footers[i], i, rows[i])}
+        try:  # where the finished listing ended: the last chunk must end there too
+            finished_at = self._done().get("last_uri")
+        except DAMAGE:  # unknown: nothing may list after the last chunk
+            finished_at = None
         done = -1  # the last chunk written: a run that grew into the next one has listed it already
         for first in sorted(i for i in bad if i - 1 not in bad):
             if first > done:
-                done = self._relist_from(first, rows, bad, footers.get(first - 1), self._finished_at())
+                done = self._relist_from(first, rows, bad, footers.get(first - 1), finished_at)
         return sorted(bad)
 
     # -- internals ---------------------------------------------------------------------
@@ -238,8 +242,8 @@ class Listing:
         """Write chunks ``index``, ``index + 1``, ... while they are in ``bad``, from where the
         chunk before them left the listing (``before``: its footer, sound, as it is not in bad;
         None for chunk 0); the next image listed must then be the first of the next chunk. The
-        last chunk must end at ``finished_at``, the URI a finished listing listed last (see
-        :meth:`_finished_at`), whatever lists after it; without it, nothing may list after it.
+        last chunk must end at ``finished_at``, the URI a finished listing listed last (kept in
+        _DONE.json), whatever lists after it; without it, nothing may list after it.
         Returns the last chunk written."""
         cursor = ListingCursor()
         if index:
@@ -273,14 +277,12 @@ class Listing:
                 self._changed(index - 1)
             return index - 1
 
-    def _finished_at(self) -> str | None:
-        """The URI a finished listing listed last (kept in _DONE.json); None when it is not
-        finished, or finished before the URI was kept, or its _DONE.json cannot be read."""
-        try:
-            done = self.storage.read_json(Storage.join(self.root, _DONE))
-            return done.get("last_uri") if isinstance(done, dict) else None
-        except DAMAGE:
-            return None
+    def _done(self) -> dict:
+        """_DONE.json, the mark of a finished listing; a ValueError when it is not an object."""
+        done = self.storage.read_json(Storage.join(self.root, _DONE))
+        if not isinstance(done, dict):
+            raise ValueError(f"a JSON {type(done).__name__}, not an object")
+        return done
 
     def _last_uri(self, rows: dict[int, int]) -> str | None:
         """The URI of the last row of the last chunk (None when that chunk is damaged)."""

@@ -119,18 +119,29 @@ def test_the_damaged_last_chunk_of_a_finished_listing_is_mended_after_the_source
     listing = Listing([str(pool)], str(tmp_path / "listing"), Storage(), 2)
     rows, _ = listing.write()
     whole = _written(listing, rows)
-    assert json.loads((tmp_path / "listing" / "_DONE.json").read_text())["last_uri"] == whole[4][0][0]["uri"]
+    done = tmp_path / "listing" / "_DONE.json"
+    assert json.loads(done.read_text())["last_uri"] == whole[4][0][0]["uri"]
     (pool / "zz.png").write_bytes((pool / "a0.png").read_bytes())  # new: lists after the last chunk's image
     Path(listing.chunk(4)).write_bytes(b"not parquet")
     assert listing.mend(rows, 4) == [4]
-    assert _written(listing, rows)[4][0] == whole[4][0]  # the same rows (its cursor now points at zz.png)
+    assert _written(listing, rows)[4][0] == whole[4][0]  # the same rows (its cursor now resumes at zz.png)
     assert listing.write()[0] == rows  # still the finished listing: the new image is left out, as before
     # The last image gone and others in its place: not the listing that finished.
-    (pool / "z.tar").unlink()
+    (pool / "z.tar").rename(tmp_path / "z.tar")
     (pool / "zz2.png").write_bytes((pool / "a0.png").read_bytes())
     Path(listing.chunk(4)).write_bytes(b"not parquet")
     with pytest.raises(SourceError, match="chunk-000004.parquet was damaged"):
         listing.mend(rows, 4)
+    # A listing finished before the last URI was kept, or whose _DONE.json is damaged: nothing may follow.
+    (tmp_path / "z.tar").rename(pool / "z.tar")
+    kept = json.loads(done.read_text())
+    for text in (json.dumps({k: v for k, v in kept.items() if k != "last_uri"}), "[]"):
+        done.write_text(text)
+        with pytest.raises(SourceError, match="chunk-000004.parquet was damaged"):
+            listing.mend(rows, 4)
+    lines: list[str] = []  # and write() goes on after the last whole chunk, taking the new images in
+    assert listing.write(lines.append)[0] == {**rows, 5: 2}
+    assert lines[0] == f"warning: {done} is damaged (ValueError): reading the listing's chunks instead"
 
 
 def test_a_listing_finished_after_a_pick_up_keeps_its_last_uri(tmp_path):
