@@ -27,7 +27,14 @@ from orchestration.ray_runtime import check_resources, error_line, start_ray, st
 from orchestration.rundir import RunDir, StageStatus, clear_folder
 from orchestration.runlock import STALE_S, RunLock, describe, live_holder
 from orchestration.stage import Stage, StageContext
-from orchestration.tracking import Tracking, default_store_warning, git_sha, ray_job_id, resolve_tracking_uri
+from orchestration.tracking import (
+    OutageTolerantTracker,
+    Tracking,
+    default_store_warning,
+    git_sha,
+    ray_job_id,
+    resolve_tracking_uri,
+)
 
 CONFIG_FILE = "config.yaml"
 
@@ -307,7 +314,7 @@ class Engine:
             name=name, config=self.config, section=getattr(self.config, name), run_dir=self.rundir.uri,
             dir=self.rundir.stage_dir(name), work_dir=self.rundir.work_dir(name),
             cache_dir=stage_cache, storage=self.storage,
-            tracker=self.tracking.tracker(run_id),
+            tracker=OutageTolerantTracker(self.tracking.tracker(run_id), self._tracking_warning, name),
             upstream_dirs={r: self.rundir.stage_dir(r) for r in stage.requires})
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"[{name}] running (fingerprint {fp}, MLflow run {run_id})")
@@ -344,9 +351,13 @@ class Engine:
 
     def _track(self, what: str, call: Callable[..., Any], *args: Any) -> None:
         """An MLflow call after the work it records (or after a failure, whose error must not be
-        hidden by an outage): a failure is one warning line, not the end of the run."""
+        hidden by an outage): a failure is one warning line, not the end of the run. (A stage's
+        own calls go through OutageTolerantTracker, which lets a wrong call fail the stage.)"""
         try:
             call(*args)
         except Exception as exc:
-            self.log(f"warning: MLflow ({self.tracking.uri}) could not {what}: {error_line(exc)}")
+            self._tracking_warning(what, exc)
+
+    def _tracking_warning(self, what: str, exc: Exception) -> None:
+        self.log(f"warning: MLflow ({self.tracking.uri}) could not {what}: {error_line(exc)}")
 

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,52 @@ class StageTracker:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i:i + 100])
+
+
+# MLflow's error codes for a call that was itself wrong (a bad metric name, a tag key too long):
+# a stage making one has a bug, and fails as it would for any other.
+_CALLER_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+
+
+def is_outage(exc: Exception) -> bool:
+    """Whether an MLflow call failed for want of the store (locked, down, overloaded, out of
+    reach: MLflow's own error for those, or the network's), not because the call was wrong."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _CALLER_ERRORS
+    # requests' errors are OSErrors; botocore's are the S3 artifact store's, which are not.
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] == "botocore"
+
+
+class OutageTolerantTracker:
+    """A stage's tracker whose MLflow calls that fail for an outage (:func:`is_outage`) are each
+    one line to ``warn(what, exc)``, not the end of the stage: the run directory records what a
+    stage did and MLflow only shows it, so a store that is locked or a server that is restarting
+    must not undo the work. A wrong call (a bad name, a file that is not there) still raises."""
+
+    def __init__(self, tracker: StageTracker, warn: Callable[[str, Exception], None], stage: str):
+        self._tracker, self._warn, self._stage = tracker, warn, stage
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call(f"log stage {self._stage}'s metrics", self._tracker.log_metrics, metrics, step)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if not Path(local_path).exists():  # the stage's mistake, though an OSError like a network's
+            raise FileNotFoundError(f"MLflow artifact {local_path} does not exist")
+        self._call(f"log stage {self._stage}'s artifact {Path(local_path).name}", self._tracker.log_artifact,
+                   local_path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call(f"tag stage {self._stage}'s run", self._tracker.set_tags, tags)
+
+    def _call(self, what: str, call: Callable[..., None], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._warn(what, exc)
 
 
 class Tracking:

@@ -5,10 +5,13 @@ Run as a script it is a tiny `vfm`-like driver over these stages (used by the ki
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 
 from pydantic import Field
 
@@ -47,6 +50,23 @@ def _square(x: int, fail: str = "") -> int:
     return x * x
 
 
+@contextlib.contextmanager
+def _store_locked(stage: str) -> Iterator[None]:
+    """With STANDIN_LOCK_MLFLOW=STAGE:DB, while that stage logs its metrics another connection holds
+    the sqlite store DB's write lock: an MLflow outage as processes sharing one store meet it."""
+    name, _, db = os.environ.get("STANDIN_LOCK_MLFLOW", "").partition(":")
+    if name != stage:
+        yield
+        return
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
 class StepStage(Stage):
     """Computes value² on Ray, adds the upstream result, and writes it; step b checkpoints in 5 pieces."""
 
@@ -83,7 +103,8 @@ class StepStage(Stage):
         count = len(ctx.storage.read_text(runs).splitlines()) if ctx.storage.exists(runs) else 0
         ctx.storage.write_text(runs, "x\n" * (count + 1))
         ctx.storage.write_json(ctx.storage.join(ctx.dir, "out.json"), {"total": total})
-        ctx.tracker.log_metrics({"total": total})
+        with _store_locked(self.name):
+            ctx.tracker.log_metrics({"total": total})
         return {"total": total, "pieces_done": pieces_done}
 
 

@@ -54,6 +54,20 @@ def test_stages_run_in_order_then_a_rerun_is_a_noop(tmp_path, mlflow_uri, ray_se
     assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "run.json").read_text())["run_id"]
 
 
+def test_an_mlflow_outage_while_a_stage_logs_is_a_warning_not_a_failed_stage(tmp_path, mlflow_uri, ray_session,
+                                                                            monkeypatch):
+    # Another process holds the sqlite store's write lock while stage b logs (MLflow gives up after 20 s).
+    monkeypatch.setenv("STANDIN_LOCK_MLFLOW", "b:" + mlflow_uri.removeprefix("sqlite:///"))
+    lines: list[str] = []
+    result = make_engine(cfg(mlflow_uri), str(tmp_path / "run"), log=lines.append).run()
+    assert result.ran == ["a", "b", "c"] and (tmp_path / "run" / "b" / "_SUCCESS.json").exists()
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert re.match(r"warning: MLflow \(sqlite:///.*\) could not log stage b's metrics: .*database is locked", warning)
+    # The engine's own calls after the work went through: b's run is done and holds its metrics.
+    b = next(r for r in mlflow_runs(mlflow_uri) if r.info.run_name == "b")
+    assert b.info.status == "FINISHED" and b.data.tags["vfm.status"] == "done" and b.data.metrics["total"] == 2
+
+
 def test_changed_section_reruns_exactly_that_stage_and_downstream(tmp_path, mlflow_uri, ray_session):
     run_dir, run = tmp_path / "run", RunConfig(cache_dir=str(tmp_path / "cache"))
     make_engine(cfg(mlflow_uri, run=run), str(run_dir)).run()

@@ -1,7 +1,13 @@
 """orchestration.tracking against a real MLflow sqlite store."""
 from __future__ import annotations
 
-from orchestration.tracking import Tracking
+import pytest
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+from orchestration.tracking import OutageTolerantTracker, Tracking, is_outage
+from tests.mlflow_store import new_store
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_its_file(tmp_path, monkeypatch):
@@ -24,3 +30,25 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_its_file(tmp_path, monkeypatc
     assert [a.path for a in tracking.client.list_artifacts(run_id, "plots")] == ["plots/plot.png"]
     up = tracking.client.get_experiment(tracking.experiment("..")).artifact_location
     assert up == (store / "mlruns" / "%2E.").as_uri()  # a folder of its own, not the store's folder
+
+
+def test_a_stage_s_wrong_mlflow_call_still_fails_it_and_an_outage_does_not(tmp_path):
+    """Only an outage is a warning (the engine's test locks the store while a stage logs); a bad
+    name, a tag key too long or an artifact that is not there is the stage's bug."""
+    tracking = Tracking(new_store(tmp_path))
+    run_id = tracking.client.create_run(tracking.experiment("e")).info.run_id
+    warned: list[str] = []
+    tracker = OutageTolerantTracker(tracking.tracker(run_id), lambda what, exc: warned.append(what), "s")
+    with pytest.raises(MlflowException, match="Invalid value"):
+        tracker.log_metrics({"a b!": 1.0})
+    with pytest.raises(MlflowException, match="exceeds the maximum length"):
+        tracker.set_tags({"k" * 300: "v"})
+    with pytest.raises(FileNotFoundError, match="MLflow artifact .*missing.png does not exist"):
+        tracker.log_artifact(tmp_path / "missing.png")
+    tracker.log_metrics({"fine": 1.0})
+    assert warned == [] and tracking.client.get_run(run_id).data.metrics == {"fine": 1.0}
+    # The same calls while the store is gone are outages: MLflow's error for them, or the network's.
+    assert is_outage(MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE))
+    assert is_outage(requests.ConnectionError("connection refused"))
+    assert not is_outage(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_outage(TypeError("a bug of ours"))
